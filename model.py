@@ -202,17 +202,18 @@ class Transformer(nn.Module):
 
     def hidden(self, tokens, positions=None, start=0, key_valid=None):
         """
-        tokens (B, T) -> final-normed hidden states (B, T, dim).
+        tokens (B, T) -> final-normed hidden states (B, T, dim). tokens may also be input
+        embeddings (B, T, dim), for inputs that are not rows of the embedding table.
         positions: rotary positions (T,) or (B, T); default start, start+1, ...
         start: cache index of the first token (only with a cache, see setup_cache).
         key_valid: bool (B, start+T), False where a token is padding no one may attend to.
         """
-        B, T = tokens.shape
+        B, T = tokens.shape[:2]
         if positions is None:
             positions = torch.arange(start, start + T, device=tokens.device)   # (T,)
         cos, sin = rope_cos_sin(positions, self.args.head_dim, self.args.rope_theta)
         mask = attention_mask(start, T, key_valid, self.args.sliding_window, tokens.device)
-        h = self.tok_embeddings(tokens)                                   # (B, T, dim)
+        h = tokens if tokens.is_floating_point() else self.tok_embeddings(tokens)  # (B, T, dim)
         for layer in self.layers:
             h = layer(h, cos, sin, mask, start)
         return self.norm(h)
