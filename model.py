@@ -126,14 +126,19 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def forward(self, x, cos, sin, mask, start):
+    def forward(self, x, cos, sin, mask, start, attend=None):
+        """attend: optional function (q, k, v) -> (B, H, T, D) that replaces the attention
+        below (Quiet-STaR's thought branches attend in their own pattern)."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(start, k, v)                       # (B, Hkv, S, D)
-        # mask None means plain causal attention over exactly the keys present
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None and T > 1, enable_gqa=True)
+        if attend is not None:
+            y = attend(q, k, v)
+        else:
+            if self.cache is not None:
+                k, v = self.cache.update(start, k, v)                   # (B, Hkv, S, D)
+            # mask None means plain causal attention over exactly the keys present
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               is_causal=mask is None and T > 1, enable_gqa=True)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))            # (B, T, dim)
 
 
@@ -156,8 +161,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args)
 
-    def forward(self, x, cos, sin, mask, start):
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start)
+    def forward(self, x, cos, sin, mask, start, attend=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, start, attend)
         return h + self.feed_forward(self.ffn_norm(h))
 
 

@@ -261,18 +261,21 @@ class QuietStar(nn.Module):
         R, C, Mq, d = x.shape
         args = self.model.args
         cos, sin = rope_cos_sin(positions.flatten(-2), args.head_dim, args.rope_theta)
-        h = x
-        for i, layer in enumerate(self.model.layers):
-            q, k, v = layer.attention.project(layer.attention_norm(h).view(R, C * Mq, d), cos, sin)
-            q, k, v = (t.unflatten(2, (C, Mq)) for t in (q, k, v))       # (R, heads, C, Mq, D)
-            if branch_kv is not None:
-                if branch_kv[i] is not None:
-                    k, v = torch.cat([branch_kv[i][0], k], 3), torch.cat([branch_kv[i][1], v], 3)
-                branch_kv[i] = (k, v)
-            y = thought_attention(q, *text_kv[i], k, v, text_visible)      # (R, H, C, Mq, D)
-            h = h + layer.attention.wo(y.permute(0, 2, 3, 1, 4).reshape(R, C, Mq, -1))
-            h = h + layer.feed_forward(layer.ffn_norm(h))
-        return self.model.norm(h)
+
+        def branch_attention(i):
+            def attend(q, k, v):                       # q (R, H, C*Mq, D), k, v (R, Hkv, C*Mq, D)
+                q, k, v = (t.unflatten(2, (C, Mq)) for t in (q, k, v))
+                if branch_kv is not None:
+                    if branch_kv[i] is not None:
+                        k, v = torch.cat([branch_kv[i][0], k], 3), torch.cat([branch_kv[i][1], v], 3)
+                    branch_kv[i] = (k, v)
+                return thought_attention(q, *text_kv[i], k, v, text_visible).flatten(2, 3)
+            return attend
+
+        h = x.reshape(R, C * Mq, d)
+        for i, layer in enumerate(self.model.layers):   # through each block's __call__ (FSDP hooks)
+            h = layer(h, cos, sin, None, 0, branch_attention(i))
+        return self.model.norm(h).view(R, C, Mq, d)
 
     def _delimiter(self, which, shape):
         """The <start> or <end> input embedding, broadcast to shape (..., d)."""
@@ -295,7 +298,9 @@ class QuietStar(nn.Module):
 
     @torch.no_grad()
     def sample_thoughts(self, tokens, attention_mask=None, generator=None):
-        """tokens (B, L) -> thoughts (B, n_thoughts, L, n_thought_tokens), sampled in parallel."""
+        """tokens (B, L) -> thoughts (B, n_thoughts, L, n_thought_tokens), sampled in parallel.
+        generator: a torch.Generator, or a list of B of them (each row's samples then do not
+        depend on what else is in the batch)."""
         B, L = tokens.shape
         P, N = self.config.n_thoughts, self.config.n_thought_tokens
         valid = self._valid(tokens, attention_mask)
@@ -308,8 +313,13 @@ class QuietStar(nn.Module):
         for k in range(N):
             positions = torch.arange(L, device=tokens.device)[:, None] + 1 + k   # (L, 1)
             h = self._branch_pass(x, positions, text_kv, visible, branch_kv)    # (R, L, 1, d)
-            logits = self._thought_logits(h).view(B * P * L, -1)
-            token = sample(logits, self.config.thought_temperature, generator=generator)
+            logits = self._thought_logits(h).view(B, P * L, -1)
+            if isinstance(generator, (list, tuple)):   # one generator per row of tokens
+                token = torch.stack([sample(rows, self.config.thought_temperature, generator=g)
+                                     for rows, g in zip(logits, generator)])
+            else:
+                token = sample(logits.view(B * P * L, -1), self.config.thought_temperature,
+                               generator=generator)
             thoughts.append(token.view(B * P, L))
             x = self.model.tok_embeddings(thoughts[-1])[:, :, None]
         return torch.stack(thoughts, dim=-1).view(B, P, L, N)
@@ -496,14 +506,16 @@ class QuietStar(nn.Module):
             qs.init_thought_parameters()
         return qs
 
-    def save_pretrained(self, path, dtype=None):
+    def save_pretrained(self, path, dtype=None, state_dict=None):
         """Write the released Quiet-STaR layout (Hugging Face names + delimiters + talk_head)
-        and our config as quietstar.json."""
-        ours = self.state_dict()
+        and our config as quietstar.json. state_dict: this module's weights when they are
+        not all here (FSDP gathers them for this)."""
+        ours = state_dict if state_dict is not None else self.state_dict()
         extras = {released: ours[name] for released, name in RELEASED_NAMES.items()}
         if dtype is not None:
             extras = {k: v.to(dtype) for k, v in extras.items()}
-        save_hf_checkpoint(self.model.args, self.model.state_dict(), path, dtype, extras)
+        model_weights = {k[len("model."):]: v for k, v in ours.items() if k.startswith("model.")}
+        save_hf_checkpoint(self.model.args, model_weights, path, dtype, extras)
         config_file = os.path.join(path, "quietstar.json")
         with open(config_file + ".tmp", "w") as f:
             json.dump(asdict(self.config), f, indent=2)

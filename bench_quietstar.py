@@ -1,0 +1,196 @@
+"""
+Quiet-STaR benchmarks, ours against a dense-mask reference in the same run.
+
+    python bench_quietstar.py step              # sample + loss + backward, L x n_thought_tokens grid
+    python bench_quietstar.py generate          # thinking generation vs plain decoding
+    python bench_quietstar.py step --preset mistral-7b --device cuda --dtype bfloat16 --lengths 256
+
+The reference does what the official code does: after the text pass it feeds one token per
+position per step through the whole model, with a KV cache that grows by L keys a step and
+a dense mask of L x L*(step+1) (a causal text block, then one diagonal block per step), and
+samples each thought token inline. Ours samples without gradient through a small cache, then
+runs one forward with gradient over [text | all branches] with two-part attention.
+Each configuration runs in a fresh process so that its peak memory (CPU: max resident set
+size; GPU: max allocated) is its own.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+from model import ModelArgs, Transformer, rope_cos_sin, sample
+from quietstar import QuietStar, QuietStarConfig, QuietStarOutput, quietstar_loss
+
+
+class GrowingCache:
+    """KV cache that appends every step's keys/values (with gradient), as the official code's."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def update(self, start, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+
+def dense_forward(qs, tokens, generator=None):
+    """The official layout and cost: returns (QuietStarOutput, thoughts); thoughts are sampled
+    inline at temperature 1 from the unmixed logits, without gradient through the sample."""
+    c, m = qs.config, qs.model
+    B, L = tokens.shape
+    P, N, T, M = c.n_thoughts, c.n_thought_tokens, c.n_talk, c.branch_len
+    R = B * P
+    rows = tokens.repeat_interleave(P, 0)                                  # (R, L)
+    valid = rows != c.pad_id
+    caches = [GrowingCache() for _ in m.layers]
+    for layer, cache in zip(m.layers, caches):
+        layer.attention.cache = cache
+    try:
+        h_base = m.hidden(rows, key_valid=valid)                          # (R, L, d)
+        text_mask = qs._text_visible(valid)                                # (R, L, L)
+        eye = torch.eye(L, dtype=torch.bool, device=tokens.device).expand(R, L, L)
+        x = qs._delimiter("start", (R, L))
+        padded = torch.cat([rows, torch.full((R, T), c.pad_id, device=tokens.device)], 1)
+        hiddens, thoughts = [], []
+        for step in range(M):
+            mask = torch.cat([text_mask] + [eye] * (step + 1), dim=-1)[:, None]  # (R, 1, L, L*(step+2))
+            cos, sin = rope_cos_sin(torch.arange(L, device=tokens.device) + 1 + step,
+                                    m.args.head_dim, m.args.rope_theta)
+            h = x
+            for layer in m.layers:
+                h = layer(h, cos, sin, mask, 0)
+            h = m.norm(h)                                                  # (R, L, d)
+            hiddens.append(h)
+            if step < N:
+                with torch.no_grad():
+                    token = sample(qs._thought_logits(h).view(R * L, -1), c.thought_temperature,
+                                   generator=generator).view(R, L)
+                thoughts.append(token)
+                x = m.tok_embeddings(token)
+            elif step == N:
+                x = qs._delimiter("end", (R, L))
+            else:
+                x = m.tok_embeddings(padded[:, step - N: step - N + L])   # x_{i+s}
+    finally:
+        m.clear_cache()
+    h_branch = torch.stack(hiddens, dim=2)                                 # (R, L, M, d)
+    shifted = (torch.arange(L, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)).clamp(max=L - 1)
+    mixed, w = qs._mix(h_base[:, shifted], h_branch[:, :, N + 1:])
+    out = QuietStarOutput(m.output(h_base).float(), qs._thought_logits(h_branch[:, :, :N]),
+                          m.output(mixed).float(), w, h_branch)
+    return out, torch.stack(thoughts, -1).view(B, P, L, N)
+
+
+def build(preset, n_thought_tokens, device, dtype):
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Transformer(ModelArgs.from_name(preset, vocab_size=32002))
+        qs = QuietStar(model, QuietStarConfig(n_thought_tokens=n_thought_tokens))
+    qs.init_thought_parameters()
+    with torch.no_grad():
+        qs.mixing_head[4].weight.normal_(std=0.02)   # as after some training: thoughts matter
+    return qs.to(dtype)
+
+
+def one_step(qs, tokens, impl):
+    if impl == "ours":
+        thoughts = qs.sample_thoughts(tokens)
+        loss, _ = qs.loss(tokens, thoughts)
+    else:
+        out, thoughts = dense_forward(qs, tokens)
+        loss, _ = quietstar_loss(out, tokens, thoughts, tokens != qs.config.pad_id, qs.config)
+    loss.backward()
+    qs.zero_grad(set_to_none=True)
+
+
+def run_step(a):
+    """One configuration, in this process: prints a JSON line."""
+    device, dtype = a.device, getattr(torch, a.dtype)
+    qs = build(a.preset, a.n_thought_tokens, device, dtype)
+    tokens = torch.randint(3, 32000, (a.batch_size, a.length), device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    one_step(qs, tokens, a.impl)                     # warm-up
+    times = []
+    for _ in range(a.repeat):
+        sync()
+        t0 = time.perf_counter()
+        one_step(qs, tokens, a.impl)
+        sync()
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    c = qs.config
+    processed = a.batch_size * a.length * (1 + c.n_thoughts * c.branch_len)   # every token position run
+    print(json.dumps(dict(impl=a.impl, L=a.length, N=a.n_thought_tokens, seconds=min(times),
+                          peak_bytes=peak, tokens_processed=processed)))
+
+
+def bench_step(a):
+    hardware = torch.cuda.get_device_name() if a.device.startswith("cuda") else \
+        f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} threads"
+    print(f"sample_thoughts + loss + backward, preset {a.preset}, {a.dtype}, batch {a.batch_size}, "
+          f"n_thoughts 2, n_talk 4; {hardware}; torch {torch.__version__}")
+    print(f"{'L':>5s} {'N':>3s} {'ours s':>8s} {'dense s':>8s} {'speed-up':>8s} "
+          f"{'ours MB':>8s} {'dense MB':>9s} {'mem ratio':>9s}")
+    for L in a.lengths:
+        for N in a.thought_lengths:
+            row = {}
+            for impl in ("ours", "dense"):
+                cmd = [sys.executable, __file__, "one", f"--impl={impl}", f"--length={L}",
+                       f"--n_thought_tokens={N}", f"--preset={a.preset}", f"--device={a.device}",
+                       f"--dtype={a.dtype}", f"--batch_size={a.batch_size}", f"--repeat={a.repeat}"]
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    row[impl] = None
+                    print(f"  {impl} L={L} N={N} failed: {done.stderr.strip().splitlines()[-1]}")
+                else:
+                    row[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+            o, d = row["ours"], row["dense"]
+            if o and d:
+                print(f"{L:5d} {N:3d} {o['seconds']:8.3f} {d['seconds']:8.3f} "
+                      f"{d['seconds'] / o['seconds']:7.2f}x {o['peak_bytes'] / 2**20:8.0f} "
+                      f"{d['peak_bytes'] / 2**20:9.0f} {d['peak_bytes'] / o['peak_bytes']:8.2f}x", flush=True)
+
+
+@torch.no_grad()
+def bench_generate(a):
+    qs = build(a.preset, a.n_thought_tokens, a.device, getattr(torch, a.dtype)).eval()
+    prompt = torch.randint(3, 32000, (a.length,)).tolist()
+    print(f"generation, preset {a.preset}, prompt {a.length}, {a.new_tokens} new tokens, "
+          f"n_thought_tokens {a.n_thought_tokens}, batch 1")
+    results = {}
+    for think in (False, True):
+        qs.generate(prompt, 2, think=think, eos_id=-1)                  # warm-up
+        t0 = time.perf_counter()
+        qs.generate(prompt, a.new_tokens, think=think, eos_id=-1)
+        results[think] = a.new_tokens / (time.perf_counter() - t0)
+        print(f"  think={think!s:5s} {results[think]:8.1f} tokens/s")
+    print(f"  thinking costs {results[False] / results[True]:.1f}x plain decoding "
+          f"(a thought is {a.n_thought_tokens + 2} extra decode steps per token)")
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["step", "generate", "one"])
+    p.add_argument("--impl", default="ours")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--n_thought_tokens", type=int, default=9)
+    p.add_argument("--new_tokens", type=int, default=32)
+    p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
+    p.add_argument("--thought_lengths", type=int, nargs="+", default=[4, 9, 16])
+    a = p.parse_args()
+    {"step": bench_step, "generate": bench_generate, "one": run_step}[a.what](a)

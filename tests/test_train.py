@@ -1,0 +1,163 @@
+"""train.py end to end on the CPU: learning, token counts, resume, DDP/FSDP2, failures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dataloader import write_documents
+from train import parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# a small model and short sequences, so that a step takes a fraction of a second
+FAST = ["--seq_len=16", "--n_thought_tokens=2", "--n_talk=2", "--docs_per_step=4",
+        "--micro_batch_size=2", "--log_interval=1", "--thought_interval=0", "--device=cpu",
+        "--dtype=float32"]
+
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory):
+    """Eight documents shorter than seq_len: every batch is a fixed set of rows (no windows)."""
+    prefix = str(tmp_path_factory.mktemp("data") / "docs")
+    write_documents(prefix, [[100 + 7 * d + (i * d) % 11 for i in range(9)] for d in range(8)])
+    return prefix
+
+
+def train(args, out_dir, processes=1, check=True, timeout=300):
+    launcher = [sys.executable] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    cmd = launcher + [os.path.join(ROOT, "train.py")] + FAST + args + [f"--out_dir={out_dir}"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return done
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if '"loss"' in line]
+
+
+def test_loss_goes_down_and_token_counts(short_docs, tmp_path):
+    train([f"--data={short_docs}", "--n_documents=4", "--max_steps=8", "--learning_rate=3e-3",
+           "--warmup_steps=1"], tmp_path)
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(8))
+    assert rows[-1]["nll_base"] < rows[0]["nll_base"] - 0.5     # the same 4 documents every step
+    assert rows[-1]["nll_talk"] < rows[0]["nll_talk"] - 0.5
+    # every token through the model counts: sampling (text + N steps per thought) and the
+    # training forward (text + every branch token), 4 documents x 16 tokens
+    N, T, P = 2, 2, 2
+    per_position = 2 + P * ((N + T + 1) + N)
+    for r in rows:
+        assert r["tokens_per_s"] * r["step_time_s"] == pytest.approx(4 * 16 * per_position, rel=1e-6)
+
+
+def test_resume_equals_uninterrupted(short_docs, tmp_path):
+    common = [f"--data={short_docs}", "--warmup_steps=2", "--save_interval=100"]
+    train(common + ["--max_steps=4"], tmp_path / "straight")
+    train(common + ["--max_steps=2"], tmp_path / "split")
+    train(["--init_from=resume", "--max_steps=4"], tmp_path / "split")
+    straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
+    assert [r["step"] for r in split] == [0, 1, 2, 3]
+    for a, b in zip(straight, split):
+        for key in ("loss", "nll_base", "nll_talk", "policy_loss", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_equal_one(short_docs, tmp_path, fsdp):
+    """Same global batch (4 documents a step), on 1 process with 2 micro-batches and on 2
+    processes (gloo) with one each: the losses agree to 1e-5 relative over 3 steps."""
+    common = [f"--data={short_docs}", "--max_steps=3", "--warmup_steps=1", f"--fsdp={fsdp}"]
+    train(common, tmp_path / "one")
+    train(common, tmp_path / "two", processes=2)
+    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
+        for key in ("loss", "nll_base", "nll_talk", "policy_loss"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    assert os.path.isfile(tmp_path / "two" / "ckpt" / "model.safetensors")
+
+
+def test_default_run_finishes(tmp_path):
+    """`python train.py` as the README says, shortened to 2 steps."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2",
+                           f"--out_dir={tmp_path}", "--device=cpu", "--dtype=float32"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "step 2/2" in done.stdout and "<|startthought|>" in done.stdout
+    assert {"model.safetensors", "config.json", "quietstar.json", "state.json",
+            "optimizer.rank0.pt"} <= set(os.listdir(tmp_path / "ckpt"))
+
+
+def test_nan_stops_and_keeps_the_last_checkpoint(short_docs, tmp_path):
+    done = train([f"--data={short_docs}", "--max_steps=6", "--save_interval=1", "--warmup_steps=1",
+                  "--learning_rate=1e30", "--grad_clip=1e30"], tmp_path, check=False)
+    assert done.returncode == 1 and "stopping without saving" in done.stdout
+    state = json.load(open(tmp_path / "ckpt" / "state.json"))
+    bad_step = int(done.stdout.split("step ")[-1].split(":")[0])
+    assert state["step"] == bad_step                  # the step before the bad one
+
+
+def test_sigterm_saves_a_checkpoint(short_docs, tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + FAST + \
+        [f"--data={short_docs}", "--max_steps=10000", "--save_interval=100000", f"--out_dir={tmp_path}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and not os.path.exists(tmp_path / "metrics.jsonl"):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by signal" in out
+    state = json.load(open(tmp_path / "ckpt" / "state.json"))
+    assert 0 < state["step"] < 10000
+
+
+def test_settings_are_type_checked(tmp_path):
+    assert parse_config(["--max_steps=7", "--learning_rate=1"]).learning_rate == 1.0
+    with pytest.raises(SystemExit, match="max_steps='abc': expected int"):
+        parse_config(["--max_steps=abc"])
+    with pytest.raises(SystemExit, match="unknown setting 'max_step'"):
+        parse_config(["--max_step=3"])
+    config = tmp_path / "c.py"
+    config.write_text("seq_len = 128\nmode = 'lm'\n")
+    cfg = parse_config([str(config), "--seq_len=32"])
+    assert (cfg.seq_len, cfg.mode) == (32, "lm")
+
+
+def test_missing_data_is_a_clear_error(tmp_path):
+    done = train([f"--data={tmp_path / 'nothing'}", "--max_steps=1"], tmp_path, check=False)
+    assert done.returncode != 0 and "nothing.bin: data file not found" in done.stderr
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    """The thought branches read each block's text keys/values from outside the block; the
+    recomputation must still give the same gradients."""
+    import copy
+
+    import torch
+
+    from model import ModelArgs, Transformer
+    from quietstar import QuietStar, QuietStarConfig
+    from train import enable_activation_checkpointing
+    torch.manual_seed(0)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=52)
+    plain = QuietStar(Transformer(args), QuietStarConfig(n_thought_tokens=2, n_talk=2, delimiter_init_id=5))
+    plain.init_thought_parameters()
+    with torch.no_grad():
+        plain.mixing_head[4].weight.normal_(std=0.3)
+    checkpointed = copy.deepcopy(plain)
+    enable_activation_checkpointing(checkpointed)
+    tokens = torch.randint(3, 50, (2, 10))
+    thoughts = plain.sample_thoughts(tokens)
+    for qs in (plain, checkpointed):
+        loss, _ = qs.loss(tokens, thoughts)
+        loss.backward()
+    assert plain.state_dict().keys() == checkpointed.state_dict().keys()
+    for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8), name
