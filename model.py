@@ -88,14 +88,14 @@ def apply_rope(x, cos, sin):
     return rotated.flatten(-2).type_as(x)                             # (B, T, H, D)
 
 
-class KVCache(nn.Module):
-    """Keys and values of every token seen so far, for decoding one token at a time."""
+class KVCache:
+    """Keys and values of every token seen so far, for decoding one token at a time.
+    (A plain object, not a module: it is no part of the model's weights.)"""
 
     def __init__(self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device):
-        super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, start, k, v):
         """Write k, v (B, Hkv, T, D) at [start, start+T); return all keys/values so far."""
@@ -306,7 +306,9 @@ def trim_at_eos(tokens, eos_id):
 
 
 def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """logits (B, V) -> one token per row (B,): greedy at temperature 0, else sampled."""
+    """logits (B, V) -> one token per row (B,): greedy at temperature 0, else sampled.
+    generator: a torch.Generator, or a list of B of them (then a row's draw does not depend
+    on the other rows of the batch)."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -319,7 +321,10 @@ def sample(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
         mass_before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
         sorted_logits = sorted_logits.masked_fill(mass_before > top_p, -math.inf)
         logits = torch.full_like(logits, -math.inf).scatter(-1, order, sorted_logits)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([torch.multinomial(p, 1, generator=g) for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------

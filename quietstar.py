@@ -223,6 +223,10 @@ class QuietStar(nn.Module):
         """Fresh delimiters and mixing head, set as the official code sets them."""
         table = self.model.tok_embeddings.weight
         scale = self.config.embedding_scale
+        if not 0 <= self.config.delimiter_init_id < self.start_id:
+            raise ValueError(f"delimiter_init_id={self.config.delimiter_init_id} is not a token of this "
+                             f"model's {self.start_id}-token vocabulary; set QuietStarConfig."
+                             f"delimiter_init_id to the first token of '---' in its tokenizer")
         for delimiter in (self.start_embedding, self.end_embedding):
             delimiter[0] = table[self.config.delimiter_init_id] / scale
             delimiter[1] = torch.log(table.float().std(dim=0) * 1e-2 / scale)
@@ -299,8 +303,8 @@ class QuietStar(nn.Module):
     @torch.no_grad()
     def sample_thoughts(self, tokens, attention_mask=None, generator=None):
         """tokens (B, L) -> thoughts (B, n_thoughts, L, n_thought_tokens), sampled in parallel.
-        generator: a torch.Generator, or a list of B of them (each row's samples then do not
-        depend on what else is in the batch)."""
+        generator: a torch.Generator, or a list of B of them: then each text's thoughts do not
+        depend on what else is in the batch (positions masked out by attention_mask get 0)."""
         B, L = tokens.shape
         P, N = self.config.n_thoughts, self.config.n_thought_tokens
         valid = self._valid(tokens, attention_mask)
@@ -313,10 +317,16 @@ class QuietStar(nn.Module):
         for k in range(N):
             positions = torch.arange(L, device=tokens.device)[:, None] + 1 + k   # (L, 1)
             h = self._branch_pass(x, positions, text_kv, visible, branch_kv)    # (R, L, 1, d)
-            logits = self._thought_logits(h).view(B, P * L, -1)
-            if isinstance(generator, (list, tuple)):   # one generator per row of tokens
-                token = torch.stack([sample(rows, self.config.thought_temperature, generator=g)
-                                     for rows, g in zip(logits, generator)])
+            logits = self._thought_logits(h).view(B, P, L, -1)
+            if isinstance(generator, (list, tuple)):
+                # each text draws only at its real positions, so that padding (how long the
+                # batch's longest text is) never shifts its random stream; padding thinks "0"
+                token = torch.zeros(B, P, L, dtype=torch.long, device=tokens.device)
+                for b, g in enumerate(generator):
+                    rows = logits[b][:, valid[b]]                                 # (P, n_real, V)
+                    drawn = sample(rows.reshape(-1, rows.shape[-1]), self.config.thought_temperature,
+                                   generator=g)
+                    token[b][:, valid[b]] = drawn.view(P, -1)
             else:
                 token = sample(logits.view(B * P * L, -1), self.config.thought_temperature,
                                generator=generator)
