@@ -257,14 +257,8 @@ class Transformer(nn.Module):
         temperature 0 means greedy. Prompts are left-padded so they end together.
         """
         device = self.output.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.zeros(B, P, dtype=torch.long, device=device)
-        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):
-            tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_valid[b, P - len(p):] = True
-        # each prompt starts at rotary position 0, whatever its padding
-        positions = (key_valid[:, :P].cumsum(1) - 1).clamp(min=0)           # (B, P)
+        tokens, positions, key_valid = left_pad(prompts, max_new_tokens, device)
+        B, P = tokens.shape
 
         self.setup_cache(B, P + max_new_tokens)
         try:
@@ -299,6 +293,20 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, dtype=None):
         """Write config.json + model.safetensors in Hugging Face's layout (atomically)."""
         save_hf_checkpoint(self.args, self.state_dict(), path, dtype)
+
+
+def left_pad(prompts, max_new_tokens, device, pad_id=0):
+    """Prompts of different lengths -> tokens (B, P) padded on the left so that they end
+    together, rotary positions (B, P) starting at 0 at each prompt's first token, and
+    key_valid (B, P + max_new_tokens), False at the padding."""
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, P), pad_id, dtype=torch.long, device=device)
+    key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        key_valid[b, P - len(p):] = True
+    positions = (key_valid[:, :P].cumsum(1) - 1).clamp(min=0)               # (B, P)
+    return tokens, positions, key_valid
 
 
 def trim_at_eos(tokens, eos_id):

@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer, attention_mask, load_checkpoint, rope_cos_sin, sample, \
+from model import Transformer, attention_mask, left_pad, load_checkpoint, rope_cos_sin, sample, \
     save_hf_checkpoint, trim_at_eos
 
 
@@ -418,18 +418,14 @@ class QuietStar(nn.Module):
         Continue prompts (a list of ids, or a list of such lists). Before every new token the
         model thinks (think=True) and predicts through the mixing head; think=False is plain
         decoding. The delimiters are never emitted. Returns the new tokens per prompt, and
-        with return_thoughts also the thought (N ids) behind each new token.
+        with return_thoughts also the thought (N ids) behind each new token. generator: one,
+        or one per prompt (then a prompt's output does not depend on the rest of the batch).
         """
         single = isinstance(prompt_tokens[0], int)
         prompts = [prompt_tokens] if single else prompt_tokens
         model, device = self.model, self.model.output.weight.device
-        B, P = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.full((B, P), self.config.pad_id, dtype=torch.long, device=device)
-        key_valid = torch.zeros(B, P + max_new_tokens, dtype=torch.bool, device=device)
-        for b, p in enumerate(prompts):                                  # left padding
-            tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
-            key_valid[b, P - len(p):] = True
-        positions = (key_valid[:, :P].cumsum(1) - 1).clamp(min=0)         # (B, P)
+        tokens, positions, key_valid = left_pad(prompts, max_new_tokens, device, self.config.pad_id)
+        B, P = tokens.shape
         window = model.args.sliding_window or (P + max_new_tokens)
         new_tokens, thoughts = [], []
         model.setup_cache(B, P + max_new_tokens)

@@ -89,6 +89,7 @@ class TrainConfig:
     thought_interval: int = 20       # show one sampled thought every N steps (0: never)
     eval_interval: int = 0           # validation loss every N steps (0: never)
     eval_batches: int = 4
+    eval_paper_examples: int = 0     # with eval_interval: the paper's GSM8K/CSQA metric on N examples
     save_interval: int = 50
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
@@ -395,6 +396,21 @@ def validation_loss(model, wrapped, cfg, step, val_batches, n_micro):
     return sum(losses) / len(losses)
 
 
+def paper_metric_during_training(model, tokenizer, cfg):
+    """The official in-training evaluation (the source of the paper's curves): evaluate.py's
+    expected probability of the gold answer, with thinking, on the first N examples."""
+    import evaluate
+    from types import SimpleNamespace
+    settings = SimpleNamespace(batch_size=cfg.micro_batch_size, max_length=256, seed=cfg.seed)
+    model.eval()
+    scores = {}
+    for task in ("gsm8k", "csqa"):
+        examples = evaluate.load_examples(task, os.path.join(HERE, "data"))[:cfg.eval_paper_examples]
+        scores[f"eval_{task}_paper"] = evaluate.paper_metric(model, tokenizer, task, examples, settings, True)[0]
+    model.train()
+    return scores
+
+
 def main(argv):
     cfg = parse_config(argv)
     start_step = 0
@@ -407,7 +423,8 @@ def main(argv):
         os.makedirs(cfg.out_dir, exist_ok=True)
 
     # data
-    if cfg.data.startswith("data/math/") and not os.path.isfile(os.path.join(HERE, cfg.data + ".bin")):
+    needs_math = [p for p in (cfg.data, cfg.val_data if cfg.eval_interval else "") if p.startswith("data/math/")]
+    if any(not os.path.isfile(os.path.join(HERE, p + ".bin")) for p in needs_math):
         if master:
             from data.math.prepare import prepare
             prepare()
@@ -533,6 +550,11 @@ def main(argv):
             if master:
                 print(f"  validation loss {val:.4f}")
                 metrics_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+        if cfg.eval_interval and cfg.eval_paper_examples and done % cfg.eval_interval == 0 \
+                and master and isinstance(model, QuietStar) and not fsdp:
+            scores = paper_metric_during_training(model, tokenizer, cfg)
+            print("  " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+            metrics_file.write(json.dumps({"step": step, **scores}) + "\n")
         if done % cfg.save_interval == 0 or done == cfg.max_steps or stop["signal"]:
             save_checkpoint(model, optimizer, cfg, done, rank, world_size, fsdp)
             if master:

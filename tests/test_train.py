@@ -161,3 +161,14 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert plain.state_dict().keys() == checkpointed.state_dict().keys()
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
         assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8), name
+
+
+def test_periodic_evaluation(short_docs, tmp_path):
+    """Validation loss and the paper's in-training metric every eval_interval steps."""
+    train([f"--data={short_docs}", "--max_steps=2", "--eval_interval=2", "--eval_batches=1",
+           "--eval_paper_examples=2"], tmp_path)
+    with open(tmp_path / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert any("val_loss" in r for r in rows)
+    scores = next(r for r in rows if "eval_gsm8k_paper" in r)
+    assert 0 <= scores["eval_gsm8k_paper"] <= 1 and 0 <= scores["eval_csqa_paper"] <= 1
