@@ -285,6 +285,8 @@ DIFFICULTY_BINS = [(0.0, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, math.inf)]   # base
 
 def held_out_perplexity(qs, args):
     """Per-token NLL without and with thinking on held-out windows; the gain by difficulty."""
+    from data.math.prepare import ensure_prepared
+    ensure_prepared(args.ppl_data)                 # the default held-out text is made on first use
     docs = Documents(os.path.join(HERE, args.ppl_data) if not os.path.isabs(args.ppl_data) else args.ppl_data)
     n = min(len(docs), args.ppl_docs)
     base_nll, think_nll = [], []

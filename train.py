@@ -423,13 +423,11 @@ def main(argv):
         os.makedirs(cfg.out_dir, exist_ok=True)
 
     # data
-    needs_math = [p for p in (cfg.data, cfg.val_data if cfg.eval_interval else "") if p.startswith("data/math/")]
-    if any(not os.path.isfile(os.path.join(HERE, p + ".bin")) for p in needs_math):
-        if master:
-            from data.math.prepare import prepare
-            prepare()
-        if world_size > 1:
-            dist.barrier()
+    if master:
+        from data.math.prepare import ensure_prepared
+        ensure_prepared(cfg.data, cfg.val_data if cfg.eval_interval else "")
+    if world_size > 1:
+        dist.barrier()
     data_path = cfg.data if os.path.isabs(cfg.data) else os.path.join(HERE, cfg.data)
     n_micro_total = cfg.docs_per_step // cfg.micro_batch_size
     if cfg.docs_per_step % (cfg.micro_batch_size * world_size):

@@ -43,5 +43,13 @@ def prepare(out_dir=HERE, tokenizer_path=None):
     return out_dir
 
 
+def ensure_prepared(*path_prefixes):
+    """Prepare the corpus if any of these repo-relative paths under data/math/ is missing."""
+    root = os.path.dirname(os.path.dirname(HERE))
+    wanted = [p for p in path_prefixes if p.startswith("data/math/")]
+    if any(not os.path.isfile(os.path.join(root, p + ".bin")) for p in wanted):
+        prepare()
+
+
 if __name__ == "__main__":
     prepare()
