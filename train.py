@@ -99,6 +99,11 @@ class TrainConfig:
 
 def parse_config(argv):
     """TrainConfig from config files and --name=value arguments, type-checked."""
+    return make_config(read_overrides(argv))
+
+
+def read_overrides(argv):
+    """{name: value} from config files and --name=value arguments, in order."""
     values = {}
     for arg in argv:
         if not arg.startswith("--"):
@@ -115,7 +120,7 @@ def parse_config(argv):
                 values[name] = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 values[name] = text                 # a plain string
-    return make_config(values)
+    return values
 
 
 def make_config(values):
@@ -354,16 +359,12 @@ def save_checkpoint(model, optimizer, cfg, step, rank, world_size, fsdp):
 
 def resume_settings(argv):
     """For init_from=resume: the saved settings, with this command line's overrides on top."""
-    cfg = parse_config(argv)
-    state_file = os.path.join(cfg.out_dir, "ckpt", "state.json")
+    overrides = read_overrides(argv)
+    state_file = os.path.join(make_config(dict(overrides)).out_dir, "ckpt", "state.json")
     if not os.path.isfile(state_file):
         raise SystemExit(f"{state_file}: no checkpoint to resume from")
     state = json.load(open(state_file))
-    explicit = asdict(parse_config(argv))
-    defaults = asdict(TrainConfig())
-    saved = state["config"]
-    saved.update({k: v for k, v in explicit.items() if v != defaults[k]})
-    saved["init_from"] = "resume"
+    saved = {**state["config"], **overrides, "init_from": "resume"}
     return make_config(saved), state["step"]
 
 
@@ -388,7 +389,7 @@ def show_thought(model, tokenizer, tokens, valid, cfg, step):
 
 
 @torch.no_grad()
-def validation_loss(model, wrapped, cfg, step, val_batches, n_micro):
+def validation_loss(model, wrapped, cfg, step, val_batches):
     model.eval()
     losses = [micro_step(model, wrapped, *val_batches.micro_batch(k, 0), cfg, step)[1]["loss"]
               for k in range(cfg.eval_batches)]
@@ -544,7 +545,7 @@ def main(argv):
                 and not fsdp:
             show_thought(model, tokenizer, tokens, valid, cfg, step)
         if val_batches and done % cfg.eval_interval == 0:
-            val = validation_loss(model, wrapped, cfg, step, val_batches, n_micro)
+            val = validation_loss(model, wrapped, cfg, step, val_batches)
             if master:
                 print(f"  validation loss {val:.4f}")
                 metrics_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")

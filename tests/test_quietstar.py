@@ -72,7 +72,7 @@ def dense_mask_reference(qs, tokens, thoughts, valid):
     """The official layout: [text | branch step 0 of every position | step 1 | ...] as one
     sequence with one dense mask, through the plain transformer blocks. -> (R, L, M, d)."""
     B, P, L, N = thoughts.shape
-    M, T = qs.config.branch_len, qs.config.n_talk
+    M = qs.config.branch_len
     R = B * P
     rows = []
     for r in range(R):
