@@ -18,11 +18,10 @@ import time
 
 import torch
 
-from model import ModelArgs, Transformer
+from model import PEAK_BF16_FLOPS, ModelArgs, Transformer
 from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU
 
 
 def hardware(device):

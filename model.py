@@ -190,6 +190,8 @@ def attention_mask(start, T, key_valid, window, device):
 # -----------------------------------------------------------------------------
 # the transformer
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, per GPU, for MFU
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -385,14 +385,18 @@ class QuietStar(nn.Module):
     # -------------------------------------------------------------------------
     # generation that thinks before every token
 
-    def _think(self, h_last, position, text_visible, generator=None, thought=None):
+    def _think(self, h_last, position, key_valid, generator=None, thought=None):
         """
         One throwaway branch after the newest text token of each row: <start>, N sampled
         tokens (or the given thought (B, N)), <end>; the model's KV cache holds the text.
-        h_last (B, d), position (B,) of the newest token -> (next-token logits (B, V), thought (B, N)).
+        h_last (B, d), position (B,) of the newest token, key_valid (B, S) the real text tokens
+        -> (next-token logits (B, V), thought (B, N)).
         """
-        B = h_last.shape[0]
-        N, S = self.config.n_thought_tokens, text_visible.shape[-1]
+        B, S = key_valid.shape
+        N = self.config.n_thought_tokens
+        # the branch sees what the newest text token sees: real tokens within the window
+        window = self.model.args.sliding_window or S
+        text_visible = (key_valid & (torch.arange(S, device=key_valid.device) > S - 1 - window))[:, None]
         text_kv = [(layer.attention.cache.k[:, :, :S], layer.attention.cache.v[:, :, :S])
                    for layer in self.model.layers]
         branch_kv = [None] * len(self.model.layers)
@@ -426,7 +430,6 @@ class QuietStar(nn.Module):
         model, device = self.model, self.model.output.weight.device
         tokens, positions, key_valid = left_pad(prompts, max_new_tokens, device, self.config.pad_id)
         B, P = tokens.shape
-        window = model.args.sliding_window or (P + max_new_tokens)
         new_tokens, thoughts = [], []
         model.setup_cache(B, P + max_new_tokens)
         try:
@@ -436,9 +439,7 @@ class QuietStar(nn.Module):
             for i in range(max_new_tokens):
                 S = P + i                                                      # text tokens so far
                 if think:
-                    in_window = torch.arange(S, device=device) > S - 1 - window
-                    logits, thought = self._think(h, position, (key_valid[:, :S] & in_window)[:, None],
-                                                  generator)
+                    logits, thought = self._think(h, position, key_valid[:, :S], generator)
                     thoughts.append(thought)
                 else:
                     logits = model.output(h).float()
@@ -469,10 +470,8 @@ class QuietStar(nn.Module):
         try:
             h = self.model.hidden(tokens)[:, -1]
             given = None if thought is None else torch.as_tensor(thought, device=tokens.device)[None]
-            visible = torch.ones(1, 1, S, dtype=torch.bool, device=tokens.device)
-            if self.model.args.sliding_window:
-                visible &= torch.arange(S, device=tokens.device) > S - 1 - self.model.args.sliding_window
-            logits, thought = self._think(h, torch.tensor([S - 1], device=tokens.device), visible,
+            real = torch.ones(1, S, dtype=torch.bool, device=tokens.device)
+            logits, thought = self._think(h, torch.tensor([S - 1], device=tokens.device), real,
                                           generator, given)
         finally:
             self.model.clear_cache()

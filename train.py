@@ -38,12 +38,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dataloader import Batches, Documents
-from model import ModelArgs, Transformer, read_config
+from model import PEAK_BF16_FLOPS, ModelArgs, Transformer, read_config
 from quietstar import QuietStar, QuietStarConfig, quietstar_loss
 from tokenizer import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 @dataclass
