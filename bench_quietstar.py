@@ -3,6 +3,7 @@ Quiet-STaR benchmarks, ours against a dense-mask reference in the same run.
 
     python bench_quietstar.py step              # sample + loss + backward, L x n_thought_tokens grid
     python bench_quietstar.py generate          # thinking generation vs plain decoding
+    python bench_quietstar.py scaling --dim 256 --vocab_size 4096 --lengths 256 2048   # cost per text token
     python bench_quietstar.py step --preset mistral-7b --device cuda --dtype bfloat16 --lengths 256
 
 The reference does what the official code does: after the text pass it feeds one token per
@@ -23,9 +24,10 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 from model import ModelArgs, Transformer, rope_cos_sin, sample
-from quietstar import QuietStar, QuietStarConfig, QuietStarOutput, quietstar_loss
+from quietstar import QuietStar, QuietStarConfig, QuietStarOutput, quietstar_loss, talk_targets
 
 
 class GrowingCache:
@@ -83,15 +85,24 @@ def dense_forward(qs, tokens, generator=None):
     h_branch = torch.stack(hiddens, dim=2)                                 # (R, L, M, d)
     shifted = (torch.arange(L, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)).clamp(max=L - 1)
     mixed, w = qs._mix(h_base[:, shifted], h_branch[:, :, N + 1:])
-    out = QuietStarOutput(m.output(h_base).float(), qs._thought_logits(h_branch[:, :, :N]),
-                          m.output(mixed).float(), w, h_branch)
-    return out, torch.stack(thoughts, -1).view(B, P, L, N)
+    thoughts = torch.stack(thoughts, -1).view(B, P, L, N)
+    # the per-token log-likelihoods from full logits of every row, as the official code
+    nll = lambda logits, t: F.cross_entropy(logits.flatten(0, -2), t.flatten(), reduction="none").view(t.shape)
+    targets, _ = talk_targets(tokens, tokens != c.pad_id, T)
+    out = QuietStarOutput(
+        base_nll=nll(m.output(h_base[:, :-1]).float(), rows[:, 1:])[::P],
+        talk_nll=nll(m.output(mixed).float(), targets.repeat_interleave(P, 0)),
+        thought_logp=-nll(qs._thought_logits(h_branch[:, :, :N]) / c.reinforce_temperature,
+                          thoughts.reshape(R, L, N)),
+        mix_weight=w, base_hidden=h_base[::P], branch_hidden=h_branch, talk_hidden=mixed, head=qs)
+    return out, thoughts
 
 
-def build(preset, n_thought_tokens, device, dtype):
+def build(preset, n_thought_tokens, device, dtype, dim=None, vocab_size=32002):
     torch.manual_seed(0)
+    widths = dict(dim=dim, hidden_dim=3 * dim, head_dim=dim // ModelArgs.from_name(preset).n_heads) if dim else {}
     with torch.device(device):
-        model = Transformer(ModelArgs.from_name(preset, vocab_size=32002))
+        model = Transformer(ModelArgs.from_name(preset, vocab_size=vocab_size, **widths))
         qs = QuietStar(model, QuietStarConfig(n_thought_tokens=n_thought_tokens))
     qs.init_thought_parameters()
     with torch.no_grad():
@@ -113,8 +124,8 @@ def one_step(qs, tokens, impl):
 def run_step(a):
     """One configuration, in this process: prints a JSON line."""
     device, dtype = a.device, getattr(torch, a.dtype)
-    qs = build(a.preset, a.n_thought_tokens, device, dtype)
-    tokens = torch.randint(3, 32000, (a.batch_size, a.length), device=device)
+    qs = build(a.preset, a.n_thought_tokens, device, dtype, a.dim, a.vocab_size)
+    tokens = torch.randint(3, a.vocab_size - 2, (a.batch_size, a.length), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -161,6 +172,29 @@ def bench_step(a):
                       f"{d['peak_bytes'] / 2**20:9.0f} {d['peak_bytes'] / o['peak_bytes']:8.2f}x", flush=True)
 
 
+def bench_scaling(a):
+    """Ours alone at growing L: time and peak memory per text token, against the first L."""
+    print(f"sample_thoughts + loss + backward, ours, preset {a.preset}, dim {a.dim or 'preset'}, "
+          f"vocabulary {a.vocab_size}, {a.dtype}, batch {a.batch_size}, N {a.n_thought_tokens}, "
+          f"2 thoughts, 4 talk steps; {os.cpu_count()} CPU cores; torch {torch.__version__}")
+    print(f"{'L':>5s} {'s/step':>8s} {'ms/text token':>14s} {'x first':>8s} {'peak MB':>8s} {'MB/text token':>14s}")
+    first = None
+    for L in a.lengths:
+        cmd = [sys.executable, __file__, "one", "--impl=ours", f"--length={L}", f"--preset={a.preset}",
+               f"--n_thought_tokens={a.n_thought_tokens}", f"--device={a.device}", f"--dtype={a.dtype}",
+               f"--batch_size={a.batch_size}", f"--repeat={a.repeat}", f"--vocab_size={a.vocab_size}"] + \
+            ([f"--dim={a.dim}"] if a.dim else [])
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"  L={L} failed: {done.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        per_token = r["seconds"] / (a.batch_size * L)
+        first = first or per_token
+        print(f"{L:5d} {r['seconds']:8.2f} {per_token * 1e3:14.2f} {per_token / first:7.2f}x "
+              f"{r['peak_bytes'] / 2**20:8.0f} {r['peak_bytes'] / 2**20 / (a.batch_size * L):14.2f}", flush=True)
+
+
 @torch.no_grad()
 def bench_generate(a):
     qs = build(a.preset, a.n_thought_tokens, a.device, getattr(torch, a.dtype)).eval()
@@ -180,7 +214,7 @@ def bench_generate(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["step", "generate", "one"])
+    p.add_argument("what", choices=["step", "scaling", "generate", "one"])
     p.add_argument("--impl", default="ours")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu")
@@ -189,8 +223,10 @@ if __name__ == "__main__":
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--n_thought_tokens", type=int, default=9)
+    p.add_argument("--dim", type=int, default=None)            # override the preset's width
+    p.add_argument("--vocab_size", type=int, default=32002)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--thought_lengths", type=int, nargs="+", default=[4, 9, 16])
     a = p.parse_args()
-    {"step": bench_step, "generate": bench_generate, "one": run_step}[a.what](a)
+    {"step": bench_step, "scaling": bench_scaling, "generate": bench_generate, "one": run_step}[a.what](a)

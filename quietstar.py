@@ -43,10 +43,15 @@ Who attends to whom (3 text tokens, N = 1, n_talk = 2; a row sees the columns ma
                                  and itself causally: never another branch.
 
 The official code builds that as one dense mask of size L x L*(steps) and feeds one token
-per position per step through the whole model. Here the text is run once, and every
-branch attends to (a) the text keys, shared by all positions, with a causal mask, and
-(b) its own few branch keys; both parts go into one softmax. Attention then costs
-L * M * (L + M) per layer for branches of M tokens, instead of L^2 * M^2 / 2.
+per position per step through the whole model. Here the training forward puts the text and
+every branch of every position in one sequence [text | branches] and runs each transformer
+block on it ONCE (one FSDP all-gather and one gradient reduce per block and step). Every
+branch token attends to (a) the text keys up to its position and (b) its own few branch
+keys, in one softmax: L * M * (L + M) per layer for branches of M tokens, instead of
+L^2 * M^2 / 2. quietstar_ops.py holds the attention (plain reference, a lean chunked
+version for the CPU, FlexAttention for CUDA) and the output-layer loss that never keeps the
+vocabulary-wide logits. Sampling the thoughts (no gradient) runs the text once, then one
+token per branch per step through a small per-branch cache.
 
 Our names against the official code's flags (modeling_mistral.py / quiet-star-train.py):
 
@@ -71,8 +76,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Transformer, attention_mask, left_pad, load_checkpoint, rope_cos_sin, sample, \
+from model import Transformer, all_done, attention_mask, left_pad, load_checkpoint, rope_cos_sin, sample, \
     save_hf_checkpoint, trim_at_eos
+from quietstar_ops import chunked_thought_attention, joint_flex_attention, metrics_to_floats, \
+    sample_by_inverse_cdf, thought_attention, token_nll
 
 
 @dataclass
@@ -111,44 +118,46 @@ class KVRecorder:
         return k, v
 
 
-def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible):
-    """
-    Attention for the thought branches of C positions at once.
-    q:                (R, H, C, Mq, D)   the newest Mq branch tokens of each position
-    k_text, v_text:   (R, Hkv, S, D)     keys/values of the text, shared by all branches
-    k_branch, v_branch: (R, Hkv, C, Mk, D) every branch token so far (the queries are the last Mq)
-    text_visible:     bool (R or 1, C, S) which text tokens position c's branch may see
-    Returns (R, H, C, Mq, D). Scores against text and against the branch share one softmax,
-    so this equals attention over [visible text ; own branch] done one position at a time.
-    """
-    R, H, C, Mq, D = q.shape
-    Hkv, S, Mk = k_text.shape[1], k_text.shape[2], k_branch.shape[3]
-    q = q.view(R, Hkv, H // Hkv, C, Mq, D) * D ** -0.5                # query heads grouped per k/v head
-    text_scores = torch.einsum("rkgcmd,rksd->rkgcms", q, k_text)       # (R, Hkv, G, C, Mq, S)
-    branch_scores = torch.einsum("rkgcmd,rkcnd->rkgcmn", q, k_branch)  # (R, Hkv, G, C, Mq, Mk)
-    query_index = torch.arange(Mk - Mq, Mk, device=q.device)[:, None]   # (Mq, 1)
-    branch_visible = torch.arange(Mk, device=q.device) <= query_index    # (Mq, Mk) causal
-    scores = torch.cat([
-        text_scores.float().masked_fill(~text_visible[:, None, None, :, None, :], -torch.inf),
-        branch_scores.float().masked_fill(~branch_visible, -torch.inf)], dim=-1)
-    probs = scores.softmax(dim=-1).to(q.dtype)                          # (R, Hkv, G, C, Mq, S+Mk)
-    out = (torch.einsum("rkgcms,rksd->rkgcmd", probs[..., :S], v_text) +
-           torch.einsum("rkgcmn,rkcnd->rkgcmd", probs[..., S:], v_branch))
-    return out.reshape(R, H, C, Mq, D)
-
-
 @dataclass
 class QuietStarOutput:
-    base_logits: torch.Tensor      # (R, L, V) plain next-token logits, R = B * n_thoughts
-    thought_logits: torch.Tensor   # (R, L, N, V) logits that thought token k+1 was sampled from
-    talk_logits: torch.Tensor      # (R, L, n_talk, V) mixed prediction of x_{i+1+s}
+    """One forward's results: per-token log-likelihoods (what the loss needs, float32) and
+    the hidden states they came from. R = B * n_thoughts rows, P adjacent rows per text.
+    The full logits are not kept (vocabulary-wide, they would dominate memory); the
+    base_logits / thought_logits / talk_logits properties recompute them for inspection."""
+    base_nll: torch.Tensor         # (B, L-1) -log p(x_{i+1}) from the text alone
+    talk_nll: torch.Tensor         # (R, L, n_talk) -log p(x_{i+1+s}) of the mixed prediction
+    thought_logp: torch.Tensor     # (R, L, N) log p(c_k) at reinforce_temperature, no delimiters
     mix_weight: torch.Tensor       # (R, L, n_talk) the mixing head's w
-    branch_hidden: torch.Tensor    # (R, L, M, d) final-normed hidden state of every branch token
+    base_hidden: torch.Tensor = None    # (B, L, d) final-normed text states
+    branch_hidden: torch.Tensor = None  # (R, L, M, d) final-normed state of every branch token
+    talk_hidden: torch.Tensor = None    # (R, L, n_talk, d) the mixed states the talk logits read
+    head: Optional["QuietStar"] = None  # whose output layer turns hidden states into logits
+
+    @property
+    def base_logits(self):     # (R, L, V) plain next-token logits, repeated for each thought
+        P = self.talk_nll.shape[0] // self.base_hidden.shape[0]
+        return self.head.model.output(self.base_hidden).float().repeat_interleave(P, 0)
+
+    @property
+    def thought_logits(self):  # (R, L, N, V) what thought token k+1 was sampled from
+        return self.head._thought_logits(self.branch_hidden[:, :, :self.head.config.n_thought_tokens])
+
+    @property
+    def talk_logits(self):     # (R, L, n_talk, V) mixed prediction of x_{i+1+s}
+        return self.head.model.output(self.talk_hidden).float()
+
+
+def talk_targets(tokens, valid, n_talk):
+    """Talk step s after position i predicts x_{i+1+s}: -> targets (B, L, T) and whether each
+    is a real token (B, L, T) (beyond the text or at padding: False)."""
+    L = tokens.shape[1]
+    index = torch.arange(L, device=tokens.device)[:, None] + 1 + torch.arange(n_talk, device=tokens.device)
+    return F.pad(tokens, (0, n_talk + 1))[:, index], F.pad(valid, (0, n_talk + 1))[:, index]
 
 
 def quietstar_loss(out, tokens, thoughts, valid, config):
     """
-    The Quiet-STaR loss from the model's outputs (see the file's docstring).
+    The Quiet-STaR loss from the model's per-token log-likelihoods (see the file's docstring).
     out: QuietStarOutput with R = B * P rows; tokens (B, L); thoughts (B, P, L, N);
     valid bool (B, L), False at padding (its targets are not scored).
     Returns (scalar loss, dict of floats).
@@ -158,25 +167,19 @@ def quietstar_loss(out, tokens, thoughts, valid, config):
     n_scored = L - 1 - T                                      # positions that have all T targets
     if n_scored < 1:
         raise ValueError(f"sequence of {L} tokens is too short for n_talk={T}")
-    valid = valid.repeat_interleave(P, 0)                     # (R, L)
-    tokens = tokens.repeat_interleave(P, 0)                   # (R, L)
 
-    # plain next-token loss, and the talk loss of step s on target x_{i+1+s}
-    def cross_entropy(logits, targets):   # (..., V) rows, so equal logits give equal losses
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               reduction="none").view(targets.shape)
-
-    base_ce = cross_entropy(out.base_logits[:, :-1], tokens[:, 1:]) * valid[:, 1:]  # (R, L-1)
-    target_index = torch.arange(L, device=tokens.device)[:, None] + 1 + torch.arange(T, device=tokens.device)  # (L, T)
-    targets = F.pad(tokens, (0, T + 1))[:, target_index]                          # (R, L, T)
-    target_ok = F.pad(valid, (0, T + 1))[:, target_index]                         # (R, L, T)
-    talk_ce = cross_entropy(out.talk_logits, targets) * target_ok                 # (R, L, T)
+    # plain next-token loss (once per text), and the talk loss of step s on target x_{i+1+s}
+    base_ce = out.base_nll * valid[:, 1:]                                         # (B, L-1)
+    _, target_ok = talk_targets(tokens, valid, T)
+    target_ok = target_ok.repeat_interleave(P, 0)                                 # (R, L, T)
+    talk_ce = out.talk_nll * target_ok                                            # (R, L, T)
     nll_base = base_ce.sum() / valid[:, 1:].sum()
     nll_talk = (talk_ce.sum((0, 1)) / target_ok.sum((0, 1))).mean()
     nll = config.base_loss_weight * nll_base + (1 - config.base_loss_weight) * nll_talk
 
     # reward of a thought: how much likelier it made the next T true tokens
-    base_ce_ahead = base_ce[:, target_index[:n_scored] - 1]                       # (R, n_scored, T)
+    ahead = torch.arange(n_scored, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+    base_ce_ahead = base_ce.repeat_interleave(P, 0)[:, ahead]                     # (R, n_scored, T)
     reward = (base_ce_ahead - talk_ce[:, :n_scored]).sum(-1).detach()            # (R, n_scored)
     advantage = reward
     if P > 1:   # baseline: the mean reward of the P thoughts at the same position
@@ -187,20 +190,18 @@ def quietstar_loss(out, tokens, thoughts, valid, config):
 
     # REINFORCE on the sampled thought tokens, log-probabilities at reinforce_temperature;
     # the mean runs over every (row, position, thought token), zero advantages included
-    log_probs = (out.thought_logits[:, :n_scored] / config.reinforce_temperature).log_softmax(-1)
-    sampled = thoughts.reshape(B * P, L, N)[:, :n_scored, :, None]
-    log_p = log_probs.gather(-1, sampled).squeeze(-1)                             # (R, n_scored, N)
+    log_p = out.thought_logp[:, :n_scored]                                        # (R, n_scored, N)
     policy_loss = (-advantage[..., None] * log_p).mean()
     loss = nll + config.policy_weight * policy_loss
 
-    w = out.mix_weight[target_ok]
-    metrics = dict(loss=loss.item(), nll_base=nll_base.item(), nll_talk=nll_talk.item(),
-                   policy_loss=policy_loss.item(), reward_mean=reward.mean().item(),
-                   reward_max=reward.max().item(),
-                   advantage_positive_frac=(advantage > 0).float().mean().item(),
-                   mix_weight_mean=w.mean().item(), mix_weight_min=w.min().item(),
-                   mix_weight_max=w.max().item())
-    return loss, metrics
+    # the metrics stay tensors until one .item() per step (see metrics_to_floats)
+    w = torch.where(target_ok, out.mix_weight, torch.nan)
+    metrics = dict(loss=loss, nll_base=nll_base, nll_talk=nll_talk, policy_loss=policy_loss,
+                   reward_mean=reward.mean(), reward_max=reward.max(),
+                   advantage_positive_frac=(advantage > 0).float().mean(),
+                   mix_weight_mean=w.nanmean(), mix_weight_min=w.nan_to_num(torch.inf).min(),
+                   mix_weight_max=w.nan_to_num(-torch.inf).max())
+    return loss, metrics_to_floats(metrics)
 
 
 class QuietStar(nn.Module):
@@ -208,6 +209,7 @@ class QuietStar(nn.Module):
         super().__init__()
         self.model = model
         self.config = config or QuietStarConfig()
+        self.attention_impl = None   # "flex", "chunked" or "reference"; None: flex on CUDA, else chunked
         d = model.args.dim
         # the delimiters are the last two ids: 32000 and 32001 for Mistral
         self.start_id, self.end_id = model.args.vocab_size - 2, model.args.vocab_size - 1
@@ -304,40 +306,87 @@ class QuietStar(nn.Module):
     def sample_thoughts(self, tokens, attention_mask=None, generator=None):
         """tokens (B, L) -> thoughts (B, n_thoughts, L, n_thought_tokens), sampled in parallel.
         generator: a torch.Generator, or a list of B of them: then each text's thoughts do not
-        depend on what else is in the batch (positions masked out by attention_mask get 0)."""
+        depend on what else is in the batch."""
         B, L = tokens.shape
         P, N = self.config.n_thoughts, self.config.n_thought_tokens
         valid = self._valid(tokens, attention_mask)
-        _, text_kv = self._text_pass(tokens, valid)
-        text_kv = [(k.repeat_interleave(P, 0), v.repeat_interleave(P, 0)) for k, v in text_kv]
-        visible = self._text_visible(valid).repeat_interleave(P, 0)       # (R, L, L)
+        _, text_kv = self._text_pass(tokens, valid)             # per layer (B, Hkv, L, D)
+        # the P thoughts of a position are P more branches of the same text: C = P * L
+        visible = self._text_visible(valid).repeat(1, P, 1)     # (B, C, L)
+        text_position = torch.arange(L, device=tokens.device).repeat(P)[:, None]    # (C, 1)
         branch_kv = [None] * len(self.model.layers)
-        x = self._delimiter("start", (B * P, L, 1))                         # (R, L, 1, d)
+        uniforms = self._thought_uniforms(B, L, generator, tokens.device)          # (B, L, N, P)
+        x = self._delimiter("start", (B, P * L, 1))                                 # (B, C, 1, d)
         thoughts = []
         for k in range(N):
-            positions = torch.arange(L, device=tokens.device)[:, None] + 1 + k   # (L, 1)
-            h = self._branch_pass(x, positions, text_kv, visible, branch_kv)    # (R, L, 1, d)
+            h = self._branch_pass(x, text_position + 1 + k, text_kv, visible, branch_kv)  # (B, C, 1, d)
             logits = self._thought_logits(h).view(B, P, L, -1)
-            if isinstance(generator, (list, tuple)):
-                # each text draws only at its real positions, so that padding (how long the
-                # batch's longest text is) never shifts its random stream; padding thinks "0"
-                token = torch.zeros(B, P, L, dtype=torch.long, device=tokens.device)
-                for b, g in enumerate(generator):
-                    rows = logits[b][:, valid[b]]                                 # (P, n_real, V)
-                    drawn = sample(rows.reshape(-1, rows.shape[-1]), self.config.thought_temperature,
-                                   generator=g)
-                    token[b][:, valid[b]] = drawn.view(P, -1)
-            else:
-                token = sample(logits.view(B * P * L, -1), self.config.thought_temperature,
-                               generator=generator)
-            thoughts.append(token.view(B * P, L))
+            token = sample_by_inverse_cdf(logits, uniforms[:, :, k].transpose(1, 2),
+                                          self.config.thought_temperature)         # (B, P, L)
+            thoughts.append(token.view(B, P * L))
             x = self.model.tok_embeddings(thoughts[-1])[:, :, None]
         return torch.stack(thoughts, dim=-1).view(B, P, L, N)
+
+    def _thought_uniforms(self, B, L, generator, device):
+        """The random numbers of a step's thoughts, (B, L, N, P) in (0, 1], drawn up front
+        (no host sync in the loop). With one generator per text, position i's numbers come
+        i-th in that text's stream, so a text's thoughts do not depend on how much padding
+        the batch adds after it, nor on the other texts."""
+        shape = (L, self.config.n_thought_tokens, self.config.n_thoughts)
+        if isinstance(generator, (list, tuple)):
+            return 1 - torch.stack([torch.rand(shape, generator=g, device=device) for g in generator])
+        return 1 - torch.rand((B, *shape), generator=generator, device=device)
 
     def _text_visible(self, valid):
         """bool (B, L, L): the text each position's branch sees = what that text token sees."""
         L = valid.shape[1]
         return attention_mask(0, L, valid, self.model.args.sliding_window, valid.device)[:, 0]
+
+    def _joint_pass(self, tokens, valid, x_branch, branch_positions):
+        """
+        The text and every branch through each transformer block together, in ONE call per
+        block (so FSDP gathers a block's weights once and reduces its gradient once).
+        tokens (B, L); x_branch (B, C, M, d) branch input embeddings, C = P * L branches,
+        branch c after text position c % L; branch_positions (C, M) rotary positions.
+        -> final-normed hidden states of the text (B, L, d) and of the branches (B, C, M, d).
+        """
+        B, L = tokens.shape
+        C, M, d = x_branch.shape[1:]
+        args = self.model.args
+        x = torch.cat([self.model.tok_embeddings(tokens).to(x_branch.dtype),
+                       x_branch.reshape(B, C * M, d)], dim=1)                  # (B, L + C*M, d)
+        positions = torch.cat([torch.arange(L, device=tokens.device), branch_positions.flatten()])
+        cos, sin = rope_cos_sin(positions, args.head_dim, args.rope_theta)
+        attend = self._joint_attention(valid, C, M)
+        h = x
+        for layer in self.model.layers:      # through each block's __call__ (FSDP, checkpointing)
+            h = layer(h, cos, sin, None, 0, attend)
+        h = self.model.norm(h)
+        return h[:, :L], h[:, L:].view(B, C, M, d)
+
+    def _joint_attention(self, valid, C, M):
+        """attend(q, k, v) for _joint_pass: q (B, H, L + C*M, D), k, v (B, Hkv, L + C*M, D).
+        attention_impl picks how: "flex" (one fused kernel; the CUDA default), "chunked"
+        (plain PyTorch, lean; the default elsewhere) or "reference" (thought_attention whole)."""
+        L, window = valid.shape[1], self.model.args.sliding_window
+        impl = self.attention_impl or ("flex" if valid.is_cuda else "chunked")
+        if impl == "flex":
+            return lambda q, k, v: joint_flex_attention(q, k, v, valid, M, window)
+        text_mask = attention_mask(0, L, valid, window, valid.device)            # (B, 1, L, L)
+        text_visible = text_mask[:, 0]                                            # (B, L, L)
+
+        def attend(q, k, v):
+            text = F.scaled_dot_product_attention(q[:, :, :L], k[:, :, :L], v[:, :, :L],
+                                                  attn_mask=text_mask, enable_gqa=True)  # (B, H, L, D)
+            q_b, k_b, v_b = (t[:, :, L:].unflatten(2, (C, M)) for t in (q, k, v))     # (B, h, C, M, D)
+            if impl == "chunked":
+                branch = chunked_thought_attention(q_b, k[:, :, :L], v[:, :, :L], k_b, v_b,
+                                                   text_visible, window)
+            else:
+                branch = thought_attention(q_b, k[:, :, :L], v[:, :, :L], k_b, v_b,
+                                           text_visible.repeat(1, C // L, 1))
+            return torch.cat([text, branch.flatten(2, 3)], dim=2)               # (B, H, L + C*M, D)
+        return attend
 
     def forward(self, tokens, thoughts, attention_mask=None):
         """
@@ -345,37 +394,39 @@ class QuietStar(nn.Module):
         text row is repeated P times (P adjacent copies), one per sampled thought.
         """
         B, P, L, N = thoughts.shape
-        T = self.config.n_talk
+        T, M = self.config.n_talk, self.config.branch_len
         if N != self.config.n_thought_tokens or tokens.shape != (B, L):
             raise ValueError(f"thoughts {tuple(thoughts.shape)} do not fit tokens {tuple(tokens.shape)} "
                              f"and n_thought_tokens={self.config.n_thought_tokens}")
         valid = self._valid(tokens, attention_mask)
-        h_base, text_kv = self._text_pass(tokens, valid)                   # (B, L, d)
-        # the P copies share the text: run it once, repeat its results
-        h_base = h_base.repeat_interleave(P, 0)                            # (R, L, d)
-        text_kv = [(k.repeat_interleave(P, 0), v.repeat_interleave(P, 0)) for k, v in text_kv]
-        visible = self._text_visible(valid).repeat_interleave(P, 0)        # (R, L, L)
+        device = tokens.device
 
         # every branch: <start> c_1..c_N <end> x_{i+1}..x_{i+T-1} at positions i+1, i+2, ...
-        R, M = B * P, self.config.branch_len
-        ahead = torch.arange(L, device=tokens.device)[:, None] + torch.arange(1, T)  # (L, T-1)
-        padded = F.pad(tokens, (0, T), value=self.config.pad_id)          # (B, L+T)
-        talk_inputs = padded[:, ahead].repeat_interleave(P, 0)             # (R, L, T-1)
-        x = torch.cat([self._delimiter("start", (R, L, 1)),
-                       self.model.tok_embeddings(thoughts.reshape(R, L, N)),
-                       self._delimiter("end", (R, L, 1)),
-                       self.model.tok_embeddings(talk_inputs)], dim=2)     # (R, L, M, d)
-        positions = torch.arange(L, device=tokens.device)[:, None] + torch.arange(1, M + 1)  # (L, M)
-        h_branch = self._branch_pass(x, positions, text_kv, visible)       # (R, L, M, d)
+        ahead = torch.arange(L, device=device)[:, None] + torch.arange(1, T, device=device)  # (L, T-1)
+        talk_inputs = F.pad(tokens, (0, T), value=self.config.pad_id)[:, ahead]  # (B, L, T-1)
+        C = P * L
+        x_branch = torch.cat([self._delimiter("start", (B, C, 1)),
+                              self.model.tok_embeddings(thoughts.reshape(B, C, N)),
+                              self._delimiter("end", (B, C, 1)),
+                              self.model.tok_embeddings(talk_inputs.repeat(1, P, 1))], dim=2)  # (B, C, M, d)
+        branch_positions = torch.arange(L, device=device).repeat(P)[:, None] + \
+            torch.arange(1, M + 1, device=device)                                  # (C, M)
+        h_base, h_branch = self._joint_pass(tokens, valid, x_branch, branch_positions)
+        h_branch = h_branch.reshape(B * P, L, M, -1)                               # (R, L, M, d)
 
         # talk step s mixes the base state at i+s with the branch state after <end> + s tokens
-        shifted = (torch.arange(L, device=tokens.device)[:, None] + torch.arange(T)).clamp(max=L - 1)
-        mixed, w = self._mix(h_base[:, shifted], h_branch[:, :, N + 1:])    # (R, L, T, d), (R, L, T)
+        shifted = (torch.arange(L, device=device)[:, None] + torch.arange(T, device=device)).clamp(max=L - 1)
+        h_base_ahead = h_base[:, shifted].repeat_interleave(P, 0)                  # (R, L, T, d)
+        mixed, w = self._mix(h_base_ahead, h_branch[:, :, N + 1:])                  # (R, L, T, d), (R, L, T)
+        targets, _ = talk_targets(tokens, valid, T)
+        delimiters = torch.tensor([self.start_id, self.end_id], device=device)
+        output = self.model.output
         return QuietStarOutput(
-            base_logits=self.model.output(h_base).float(),
-            thought_logits=self._thought_logits(h_branch[:, :, :N]),
-            talk_logits=self.model.output(mixed).float(),
-            mix_weight=w, branch_hidden=h_branch)
+            base_nll=token_nll(output, h_base[:, :-1], tokens[:, 1:]),
+            talk_nll=token_nll(output, mixed, targets.repeat_interleave(P, 0)),
+            thought_logp=-token_nll(output, h_branch[:, :, :N], thoughts.reshape(B * P, L, N),
+                                    self.config.reinforce_temperature, delimiters),
+            mix_weight=w, base_hidden=h_base, branch_hidden=h_branch, talk_hidden=mixed, head=self)
 
     def loss(self, tokens, thoughts, attention_mask=None):
         """-> (scalar loss, dict of floats). tokens (B, L); thoughts (B, P, L, N) from sample_thoughts."""
@@ -427,6 +478,19 @@ class QuietStar(nn.Module):
         """
         single = isinstance(prompt_tokens[0], int)
         prompts = [prompt_tokens] if single else prompt_tokens
+        new, thoughts = self.generate_ids(prompts, max_new_tokens, think, temperature, top_k, top_p,
+                                          eos_id, generator)
+        out = [trim_at_eos(row, eos_id) for row in new.tolist()]
+        if return_thoughts:
+            thought_rows = [t[:len(o)] for t, o in zip(thoughts.tolist(), out)]
+            return (out[0], thought_rows[0]) if single else (out, thought_rows)
+        return out[0] if single else out
+
+    @torch.no_grad()
+    def generate_ids(self, prompts, max_new_tokens, think=True, temperature=1.0, top_k=None,
+                     top_p=None, eos_id=2, generator=None):
+        """generate() on the device: prompts (a list of id lists) -> new tokens (B, n) and the
+        thought behind each (B, n, N; N = 0 without thinking), EOS-padded after each row's EOS."""
         model, device = self.model, self.model.output.weight.device
         tokens, positions, key_valid = left_pad(prompts, max_new_tokens, device, self.config.pad_id)
         B, P = tokens.shape
@@ -447,35 +511,37 @@ class QuietStar(nn.Module):
                 token = torch.where(done, eos_id, sample(logits, temperature, top_k, top_p, generator))
                 new_tokens.append(token)
                 done |= token == eos_id
-                if done.all() or i == max_new_tokens - 1:
+                if i == max_new_tokens - 1 or all_done(done):
                     break
                 position = position + 1
                 h = model.hidden(token[:, None], position[:, None], S, key_valid[:, :S + 1])[:, -1]
         finally:
             model.clear_cache()
-        out = [trim_at_eos(row, eos_id) for row in torch.stack(new_tokens, 1).tolist()]
-        if return_thoughts:
-            per_step = torch.stack(thoughts, 1).tolist() if thoughts else [[] for _ in out]
-            thought_rows = [t[:len(o)] for t, o in zip(per_step, out)]
-            return (out[0], thought_rows[0]) if single else (out, thought_rows)
-        return out[0] if single else out
+        no_thoughts = torch.zeros(B, len(new_tokens), 0, dtype=torch.long, device=device)
+        return torch.stack(new_tokens, 1), torch.stack(thoughts, 1) if thoughts else no_thoughts
 
     @torch.no_grad()
     def next_token_logits(self, prompt_tokens, thought=None, generator=None):
         """Logits (V,) of the token after one prompt, after thinking `thought` (N ids) or a
-        sampled one. Returns (logits, thought). Delimiter logits are left as they are."""
-        tokens = torch.tensor([prompt_tokens], device=self.model.output.weight.device)
+        sampled one. Returns (logits, thought as a list). Delimiter logits are left as they are."""
+        logits, thought = self.next_token_logits_on_device(prompt_tokens, thought, generator)
+        return logits, thought.tolist()
+
+    @torch.no_grad()
+    def next_token_logits_on_device(self, prompt_tokens, thought=None, generator=None):
+        """next_token_logits, with the thought returned as a tensor (N,) on the model's device."""
+        device = self.model.output.weight.device
+        tokens = torch.tensor([prompt_tokens], device=device)
         S = tokens.shape[1]
         self.model.setup_cache(1, S)
         try:
             h = self.model.hidden(tokens)[:, -1]
-            given = None if thought is None else torch.as_tensor(thought, device=tokens.device)[None]
-            real = torch.ones(1, S, dtype=torch.bool, device=tokens.device)
-            logits, thought = self._think(h, torch.tensor([S - 1], device=tokens.device), real,
-                                          generator, given)
+            given = None if thought is None else torch.as_tensor(thought, device=device)[None]
+            real = torch.ones(1, S, dtype=torch.bool, device=device)
+            logits, thought = self._think(h, torch.tensor([S - 1], device=device), real, generator, given)
         finally:
             self.model.clear_cache()
-        return logits[0], thought[0].tolist()
+        return logits[0], thought[0]
 
     # -------------------------------------------------------------------------
     # checkpoints: a plain Mistral, or the released Quiet-STaR layout

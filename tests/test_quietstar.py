@@ -264,20 +264,40 @@ def loss_by_loop(out, tokens, thoughts, valid, c):
     return nll + c.policy_weight * policy, reward, advantage, policy
 
 
+def made_up_output(qs, tokens, thoughts):
+    """A QuietStarOutput from random hidden states (not a model's forward), with the per-token
+    log-likelihoods computed the plain way, from full logits."""
+    B, P, L, N = thoughts.shape
+    T, d = qs.config.n_talk, qs.model.args.dim
+    base_h, talk_h = torch.randn(B, L, d), torch.randn(B * P, L, T, d)
+    branch_h = torch.randn(B * P, L, qs.config.branch_len, d)
+    out = QuietStarOutput(None, None, None, torch.randn(B * P, L, T), base_h, branch_h, talk_h, qs)
+    nll = lambda logits, t: -logits.log_softmax(-1).gather(-1, t[..., None]).squeeze(-1)
+    targets = F.pad(tokens, (0, T + 1))[:, torch.arange(L)[:, None] + 1 + torch.arange(T)]
+    with torch.no_grad():
+        out.base_nll = nll(qs.model.output(base_h[:, :-1]), tokens[:, 1:])
+        out.talk_nll = nll(out.talk_logits, targets.repeat_interleave(P, 0))
+        out.thought_logp = -nll(out.thought_logits / qs.config.reinforce_temperature,
+                                thoughts.reshape(B * P, L, N))
+    return out
+
+
 @pytest.mark.parametrize("positive_only", [True, False])
 def test_reward_advantage_policy_equal_a_loop(positive_only):
     torch.manual_seed(4)
-    B, P, L, N, T, Vs = 2, 3, 9, 2, 3, 7          # small made-up tensors, not a model
-    c = QuietStarConfig(n_thought_tokens=N, n_talk=T, n_thoughts=P, positive_advantage_only=positive_only)
+    B, P, L, N, T, Vs = 2, 3, 9, 2, 3, 7          # random hidden states, a small output layer
+    args = ModelArgs(dim=6, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=3, hidden_dim=8, vocab_size=Vs + 2)
+    c = QuietStarConfig(n_thought_tokens=N, n_talk=T, n_thoughts=P, positive_advantage_only=positive_only,
+                        delimiter_init_id=0)
+    qs = QuietStar(Transformer(args), c)
     tokens = torch.randint(3, Vs, (B, L))
     tokens[0, 7:] = 2
     valid = tokens != 2
     thoughts = torch.randint(0, Vs, (B, P, L, N))
-    out = QuietStarOutput(base_logits=torch.randn(B * P, L, Vs), thought_logits=torch.randn(B * P, L, N, Vs),
-                          talk_logits=torch.randn(B * P, L, T, Vs), mix_weight=torch.randn(B * P, L, T),
-                          branch_hidden=None)
+    out = made_up_output(qs, tokens, thoughts)
     loss, m = quietstar_loss(out, tokens, thoughts, valid, c)
-    ref_loss, reward, advantage, policy = loss_by_loop(out, tokens, thoughts, valid, c)
+    with torch.no_grad():
+        ref_loss, reward, advantage, policy = loss_by_loop(out, tokens, thoughts, valid, c)
     assert torch.allclose(loss, ref_loss, rtol=1e-5)
     assert math.isclose(m["policy_loss"], policy.item(), rel_tol=1e-5, abs_tol=1e-9)
     assert math.isclose(m["reward_mean"], reward.mean().item(), rel_tol=1e-5, abs_tol=1e-7)
@@ -348,7 +368,7 @@ def test_reinforce_learns_the_helpful_thought():
             talk = -F.cross_entropy(out.talk_logits[:, :-1, 0].reshape(-1, vocab), tokens[:, 1:].reshape(-1))
         return p5.item(), talk.item()
 
-    def train(model, steps=20):
+    def train(model, steps=40):
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         for _ in range(steps):
             tokens = counting(16)
