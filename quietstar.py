@@ -155,6 +155,54 @@ def talk_targets(tokens, valid, n_talk):
     return F.pad(tokens, (0, n_talk + 1))[:, index], F.pad(valid, (0, n_talk + 1))[:, index]
 
 
+def talk_loss_and_reward(out, tokens, valid, config):
+    """
+    The language-modelling losses and the reward of every thought.
+    out: QuietStarOutput with R = B * P rows; tokens (B, L); valid bool (B, L), False at
+    padding (its targets are not scored).
+    Returns nll_base (mean CE of the plain next token over real targets), nll_talk (the mean
+    over talk steps s of the mean CE of predicting x_{i+1+s} after position i's thought),
+    reward (R, L-1-n_talk), detached: for each position with all n_talk targets, the sum over
+    them of log p_talk - log p_base, and target_ok bool (R, L, n_talk).
+    """
+    L, T = tokens.shape[1], config.n_talk
+    P = out.talk_nll.shape[0] // tokens.shape[0]
+    n_scored = L - 1 - T                                      # positions that have all T targets
+    base_ce = out.base_nll * valid[:, 1:]                                         # (B, L-1)
+    _, target_ok = talk_targets(tokens, valid, T)
+    target_ok = target_ok.repeat_interleave(P, 0)                                 # (R, L, T)
+    talk_ce = out.talk_nll * target_ok                                            # (R, L, T)
+    nll_base = base_ce.sum() / valid[:, 1:].sum()
+    nll_talk = (talk_ce.sum((0, 1)) / target_ok.sum((0, 1))).mean()
+
+    # reward of a thought: how much likelier it made the next T true tokens
+    ahead = torch.arange(n_scored, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
+    base_ce_ahead = base_ce.repeat_interleave(P, 0)[:, ahead]                     # (R, n_scored, T)
+    reward = (base_ce_ahead - talk_ce[:, :n_scored]).sum(-1).detach()            # (R, n_scored)
+    return nll_base, nll_talk, reward, target_ok
+
+
+def reinforce_loss(thought_logp, reward, n_thoughts, config):
+    """
+    REINFORCE with a baseline, on the sampled thought tokens.
+    thought_logp (R, L, N): log p(c_k) at reinforce_temperature of each sampled thought
+    token; reward (R, n_scored); R = B * n_thoughts, a text's thoughts in adjacent rows.
+    The advantage is the reward minus the mean reward of the n_thoughts thoughts at the same
+    position (no baseline with one thought), clamped at 0 if positive_advantage_only.
+    Returns (policy_loss, advantage (R, n_scored)): policy_loss is the mean over every
+    (row, position, thought token), zero advantages included, of -advantage * log p.
+    """
+    n_scored = reward.shape[1]
+    advantage = reward
+    if n_thoughts > 1:   # baseline: the mean reward of the thoughts at the same position
+        per_example = reward.view(-1, n_thoughts, n_scored)
+        advantage = (per_example - per_example.mean(1, keepdim=True)).view(-1, n_scored)
+    if config.positive_advantage_only:
+        advantage = advantage.clamp(min=0)
+    log_p = thought_logp[:, :n_scored]                                            # (R, n_scored, N)
+    return (-advantage[..., None] * log_p).mean(), advantage
+
+
 def quietstar_loss(out, tokens, thoughts, valid, config):
     """
     The Quiet-STaR loss from the model's per-token log-likelihoods (see the file's docstring).
@@ -163,38 +211,14 @@ def quietstar_loss(out, tokens, thoughts, valid, config):
     Returns (scalar loss, dict of floats).
     """
     B, P, L, N = thoughts.shape
-    T = config.n_talk
-    n_scored = L - 1 - T                                      # positions that have all T targets
-    if n_scored < 1:
-        raise ValueError(f"sequence of {L} tokens is too short for n_talk={T}")
-
-    # plain next-token loss (once per text), and the talk loss of step s on target x_{i+1+s}
-    base_ce = out.base_nll * valid[:, 1:]                                         # (B, L-1)
-    _, target_ok = talk_targets(tokens, valid, T)
-    target_ok = target_ok.repeat_interleave(P, 0)                                 # (R, L, T)
-    talk_ce = out.talk_nll * target_ok                                            # (R, L, T)
-    nll_base = base_ce.sum() / valid[:, 1:].sum()
-    nll_talk = (talk_ce.sum((0, 1)) / target_ok.sum((0, 1))).mean()
+    if L - 1 - config.n_talk < 1:
+        raise ValueError(f"sequence of {L} tokens is too short for n_talk={config.n_talk}")
+    nll_base, nll_talk, reward, target_ok = talk_loss_and_reward(out, tokens, valid, config)
     nll = config.base_loss_weight * nll_base + (1 - config.base_loss_weight) * nll_talk
-
-    # reward of a thought: how much likelier it made the next T true tokens
-    ahead = torch.arange(n_scored, device=tokens.device)[:, None] + torch.arange(T, device=tokens.device)
-    base_ce_ahead = base_ce.repeat_interleave(P, 0)[:, ahead]                     # (R, n_scored, T)
-    reward = (base_ce_ahead - talk_ce[:, :n_scored]).sum(-1).detach()            # (R, n_scored)
-    advantage = reward
-    if P > 1:   # baseline: the mean reward of the P thoughts at the same position
-        per_example = reward.view(B, P, -1)
-        advantage = (per_example - per_example.mean(1, keepdim=True)).view(B * P, -1)
-    if config.positive_advantage_only:
-        advantage = advantage.clamp(min=0)
-
-    # REINFORCE on the sampled thought tokens, log-probabilities at reinforce_temperature;
-    # the mean runs over every (row, position, thought token), zero advantages included
-    log_p = out.thought_logp[:, :n_scored]                                        # (R, n_scored, N)
-    policy_loss = (-advantage[..., None] * log_p).mean()
+    policy_loss, advantage = reinforce_loss(out.thought_logp, reward, P, config)
     loss = nll + config.policy_weight * policy_loss
 
-    # the metrics stay tensors until one .item() per step (see metrics_to_floats)
+    # the metrics stay tensors until one host sync for all of them
     w = torch.where(target_ok, out.mix_weight, torch.nan)
     metrics = dict(loss=loss, nll_base=nll_base, nll_talk=nll_talk, policy_loss=policy_loss,
                    reward_mean=reward.mean(), reward_max=reward.max(),
