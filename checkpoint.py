@@ -229,13 +229,13 @@ def save_checkpoint(model, optimizer, settings, step, rank, world_size, fsdp, to
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump({"config": settings, "step": step, "world_size": world_size}, f, indent=2)
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
-    except (OSError, RuntimeError) as e:
+    except Exception as e:            # OSError, torch's RuntimeError, SafetensorError
         error = e
     error = agree(error, world_size)
     if error is None:
         try:
             torch.save(optimizer_state(optimizer), os.path.join(tmp, f"optimizer.rank{rank}.pt"))
-        except (OSError, RuntimeError) as e:
+        except Exception as e:
             error = e
         error = agree(error, world_size)
     if error is None and rank == 0:
@@ -272,6 +272,8 @@ def agree(error, world_size):
 
 def save_error_message(tmp, final, error):
     reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+    if "unexpected pos" in reason:            # torch.save's way of saying a write came up short
+        reason = f"a write came up short, the disk is full or a file size limit was hit ({reason})"
     where = getattr(error, "filename", None) or tmp
     try:
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(tmp))).free
