@@ -8,6 +8,7 @@ checks, and errors of one or two lines instead of a traceback.
         run(main)          # QUIETSTAR_DEBUG=1 or --debug shows the full traceback
 """
 
+import argparse
 import ast
 import inspect
 import os
@@ -85,26 +86,18 @@ def at_least(low):
         try:
             value = int(text)
         except ValueError:
-            raise ValueError(f"expected an integer, got {text!r}") from None
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
         if value < low:
-            raise ValueError(f"must be >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
-
-
-def positive_float(text):
-    value = float(text)
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"must be a finite number > 0, got {text}")
-    return value
 
 
 def short_errors(parser):
     """Make an argparse parser's errors two short lines (its default also prints the whole
     usage, which for evaluate.py is ten lines)."""
     def error(message):
-        message = re.sub(r"invalid (\S+) value: '(.*)'$", r"invalid value \2", message)
         sys.exit(f"{parser.prog}: {message}\n(see {parser.prog} --help)")
     parser.error = error
     return parser

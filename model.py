@@ -485,6 +485,23 @@ def read_tensors(file):
                          f"safetensors ({e})") from None
 
 
+def tensor_names(path):
+    """The names of every tensor stored in a checkpoint directory (safetensors: headers only)."""
+    from safetensors import safe_open
+    names = set()
+    for file in weight_files(path, read_config(path)[1]):
+        if file.endswith(".pth"):
+            names |= set(read_weights_only(file))
+            continue
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                names |= set(f.keys())
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read this safetensors file, truncated or not "
+                             f"safetensors ({e})") from None
+    return names
+
+
 def read_weights_only(file, mmap=True):
     """torch.load of a .pth/.pt file that holds only tensors (and plain containers). A file
     holding other Python objects is refused, and no code from it runs."""
