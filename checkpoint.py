@@ -156,6 +156,27 @@ def remove_if_empty(out_dir):
         shutil.rmtree(out_dir)
 
 
+def read_quietstar_config(path):
+    """The QuietStarConfig in a checkpoint's quietstar.json (None if it has none), checked:
+    valid JSON, known keys, values of the right type (for QuietStar.from_pretrained)."""
+    from dataclasses import fields
+
+    from model import read_json
+    from quietstar import QuietStarConfig
+    file = os.path.join(path, "quietstar.json")
+    if not os.path.isfile(file):
+        return None
+    values = read_json(file)
+    kinds = {f.name: f.type for f in fields(QuietStarConfig)}
+    for name, value in values.items():
+        kind = kinds.get(name)
+        if kind is None:
+            raise ValueError(f"{file}: unknown setting {name!r}")
+        if not (type(value) is kind or (kind is float and type(value) is int)):
+            raise ValueError(f"{file}: {name} should be {getattr(kind, '__name__', kind)}, got {value!r}")
+    return QuietStarConfig(**values)
+
+
 # -----------------------------------------------------------------------------
 # what goes into a checkpoint
 

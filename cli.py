@@ -153,8 +153,8 @@ def make_settings(cls, values):
         if name not in types:
             raise SystemExit(f"unknown setting {name!r} (see --help); settings are: {', '.join(types)}")
         expected = types[name]
-        if expected is float and type(value) is int:
-            values[name] = value = float(value)
+        if expected is float and (type(value) is int or value in ("inf", "-inf", "nan")):
+            values[name] = value = float(value)      # inf and nan, to be refused by range checks
         if expected is str and type(value) is not str:
             values[name] = value = str(value)
         if type(value) is not expected:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 import thinking_page
+from checkpoint import read_quietstar_config
 from cli import at_least, check_device, run, short_errors
 from dataloader import Documents
 from model import read_json, tensor_names
@@ -389,7 +390,7 @@ def load_for_eval(args):
     if True in think_modes and not has_parts:
         raise SystemExit(f"{args.ckpt}: no Quiet-STaR parts (start_embedding, end_embedding, "
                          f"talk_head.*) in this checkpoint, so it cannot think; use --think=no")
-    qs = QuietStar.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
+    qs = QuietStar.from_pretrained(args.ckpt, read_quietstar_config(args.ckpt), device=args.device, dtype=dtype)
     if args.n_thought_tokens:
         qs.config = replace(qs.config, n_thought_tokens=args.n_thought_tokens)
     return qs.eval(), think_modes

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 
+from checkpoint import read_quietstar_config
 from cli import at_least, check_device, run, short_errors
 from model import Transformer, read_config, tensor_names
 from quietstar import RELEASED_NAMES, QuietStar
@@ -36,7 +37,7 @@ def load(args):
                          f"(start_embedding, end_embedding, talk_head.*) cannot think; drop --think")
     if not is_quietstar:
         return Transformer.from_pretrained(args.ckpt, device=args.device, dtype=dtype), False
-    qs = QuietStar.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
+    qs = QuietStar.from_pretrained(args.ckpt, read_quietstar_config(args.ckpt), device=args.device, dtype=dtype)
     if args.n_thought_tokens:
         qs.config = replace(qs.config, n_thought_tokens=args.n_thought_tokens)
     return qs.eval(), True
