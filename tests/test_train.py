@@ -90,8 +90,19 @@ def test_default_run_finishes(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2/2" in done.stdout and "<|startthought|>" in done.stdout
-    assert {"model.safetensors", "config.json", "quietstar.json", "state.json",
-            "optimizer.rank0.pt"} <= set(os.listdir(tmp_path / "ckpt"))
+    assert {"model.safetensors", "config.json", "quietstar.json", "state.json", "optimizer.rank0.pt",
+            "tokenizer.model", "manifest.json"} <= set(os.listdir(tmp_path / "ckpt"))
+    # the first hour goes on: sample from it, thinking, with the thoughts shown
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "ckpt"),
+                           "--prompt", "Problem: 2+3?\\nSolution:", "--max_new_tokens=3", "--show_thoughts",
+                           "--device=cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Problem: 2+3?\nSolution:<|startthought|>" in done.stdout and "3 new tokens" in done.stdout
+    # and a second fresh run into the same out_dir is refused, in one line
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2",
+                            f"--out_dir={tmp_path}", "--device=cpu"], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    assert again.returncode == 1 and "already holds a checkpoint (step 2)" in again.stderr
 
 
 def test_nan_stops_and_keeps_the_last_checkpoint(short_docs, tmp_path):
@@ -118,6 +129,30 @@ def test_sigterm_saves_a_checkpoint(short_docs, tmp_path):
     assert "stopped by signal" in out
     state = json.load(open(tmp_path / "ckpt" / "state.json"))
     assert 0 < state["step"] < 10000
+
+
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_at_once(short_docs, tmp_path):
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + FAST + \
+        [f"--data={short_docs}", "--max_steps=10000", "--save_interval=100000", "--seq_len=256",
+         "--n_thought_tokens=8", f"--out_dir={tmp_path / 'out'}"]                  # slow steps
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.time() + 120
+        while time.time() < deadline and "step 1/" not in log.read_text():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        while time.time() - t0 < 10 and "press Ctrl-C again" not in log.read_text():
+            time.sleep(0.01)
+        acknowledged = time.time() - t0
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert acknowledged < 2.0, text                  # at once, not at the end of the step
+    assert re.search(r"SIGINT: finishing step \d+, then saving; press Ctrl-C again to stop without saving", text)
+    assert proc.returncode == 130 and "stopped at once, without saving" in text, text
+    assert "Traceback" not in text
 
 
 def test_settings_are_type_checked(tmp_path):
