@@ -39,7 +39,7 @@ def launch(out_dir, data, extra, log):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def wait_for_start(proc, log_file, timeout=120):
+def wait_for_start(proc, log_file, timeout=900):
     """Seconds until the run printed its first line (its imports done), or None if it ended."""
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -100,13 +100,15 @@ def main():
         with open(log_file, "w") as log:
             proc = launch(out_dir, data, extra, log)
             runs += 1
-            started = wait_for_start(proc, log_file)
-            if started is not None:
-                time.sleep(rng.uniform(0, 3 * step_time))
-            if proc.poll() is None:
-                proc.kill()
-                kills += 1
-            proc.wait()
+            try:
+                started = wait_for_start(proc, log_file)
+                if started is not None:
+                    time.sleep(rng.uniform(0, 3 * step_time))
+            finally:                                  # never leave a run behind
+                if proc.poll() is None:
+                    proc.kill()
+                    kills += 1
+                proc.wait()
         output = open(log_file).read()
         if proc.returncode not in (-9, 0):
             failures.append(f"run {runs} exited with {proc.returncode}: {output[-500:]}")
