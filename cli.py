@@ -10,6 +10,7 @@ checks, and errors of one or two lines instead of a traceback.
 
 import argparse
 import ast
+import difflib
 import inspect
 import os
 import re
@@ -151,7 +152,9 @@ def make_settings(cls, values):
     types = {f.name: f.type for f in fields(cls)}
     for name, value in values.items():
         if name not in types:
-            raise SystemExit(f"unknown setting {name!r} (see --help); settings are: {', '.join(types)}")
+            close = difflib.get_close_matches(name, types, n=3)
+            raise SystemExit(f"unknown setting {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+                             + " (--help lists every setting)")
         expected = types[name]
         if expected is float and (type(value) is int or value in ("inf", "-inf", "nan")):
             values[name] = value = float(value)      # inf and nan, to be refused by range checks
@@ -172,7 +175,7 @@ def settings_help(cls, intro):
         if field:
             name, kind, default, comment = field.groups()
             value = getattr(cls, name)
-            lines.append(f"  --{name}={value!r:<16} {kind:5s} {comment or ''}".rstrip())
+            lines.append(f"  {f'--{name}={value!r}':<36} {kind:5s} {comment or ''}".rstrip())
         elif section:
             lines.append(f" {section.group(1)}")
     return "\n".join(lines)
