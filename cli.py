@@ -30,7 +30,12 @@ def run(main, *args):
         sys.argv.remove("--debug")
     try:
         return main(*args)
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+    except SystemExit:
         raise
     except Exception as e:
         if debug:

@@ -202,8 +202,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_periodic_evaluation(short_docs, tmp_path):
     """Validation loss and the paper's in-training metric every eval_interval steps."""
-    train([f"--data={short_docs}", "--max_steps=2", "--eval_interval=2", "--eval_batches=1",
-           "--eval_paper_examples=2"], tmp_path)
+    done = train([f"--data={short_docs}", "--max_steps=2", "--eval_interval=2", "--eval_batches=1",
+                  "--eval_paper_examples=2", "--thought_interval=2"], tmp_path)
+    assert done.stdout.count("<|startthought|>") == 1      # the final thought, not also a periodic one
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert any("val_loss" in r for r in rows)
