@@ -123,3 +123,13 @@ class Batches:
         tokens = torch.from_numpy(np.stack(rows))
         # as the official loader: padding is EOS, and every EOS is masked
         return tokens, tokens != self.eos_id, [d for _, d in picked]
+
+
+def check_token_ids(documents, vocab_size, tokenizer):
+    """Every token id of the data is a text token of the tokenizer and a row of the model."""
+    limit = min(vocab_size, tokenizer.n_words)
+    largest = documents.max_token_id()
+    if largest >= limit:
+        raise ValueError(f"{documents.bin_file}: token id {largest} is out of range: the tokenizer "
+                         f"{tokenizer.path} has {tokenizer.n_words} tokens, the model {vocab_size} "
+                         f"(was the data made with another tokenizer?)")

@@ -41,7 +41,7 @@ import torch
 import thinking_page
 from checkpoint import read_quietstar_config
 from cli import at_least, check_device, run, short_errors
-from dataloader import Documents
+from dataloader import Documents, check_token_ids
 from model import read_json, tensor_names
 from quietstar import QuietStar, RELEASED_NAMES
 from tasks import (DATA_FILES, download, extract_answer, gold, load_examples,  # noqa: F401 (re-exported)
@@ -253,6 +253,7 @@ def held_out_perplexity(qs, args, tick=None):
     from data.math.prepare import ensure_prepared
     ensure_prepared(args.ppl_data)                 # the default held-out text is made on first use
     docs = Documents(os.path.join(HERE, args.ppl_data) if not os.path.isabs(args.ppl_data) else args.ppl_data)
+    check_token_ids(docs, qs.model.args.vocab_size, load_tokenizer(args.ckpt))
     n = min(len(docs), args.ppl_docs, args.limit or len(docs))
     base_nll, think_nll = [], []
     for idx in batches(list(range(n)), args.batch_size):

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import checkpoint
 from cli import (check_device, check_dtype, check_range, make_settings, read_overrides, run,
                  settings_help)
-from dataloader import Batches, Documents
+from dataloader import Batches, Documents, check_token_ids
 from model import PEAK_BF16_FLOPS, PRESETS, ModelArgs, Transformer, read_config
 from quietstar import QuietStar, QuietStarConfig, quietstar_loss
 from tokenizer import check_vocabulary, load_tokenizer
@@ -337,16 +337,6 @@ def install_signal_handlers(stop, master):
 
 def data_path(path):
     return path if os.path.isabs(path) else os.path.join(HERE, path)
-
-
-def check_token_ids(documents, vocab_size, tokenizer):
-    """Every token id of the data is a text token of the tokenizer and a row of the model."""
-    limit = min(vocab_size, tokenizer.n_words)
-    largest = documents.max_token_id()
-    if largest >= limit:
-        raise SystemExit(f"{documents.bin_file}: token id {largest} is out of range: the tokenizer "
-                         f"{tokenizer.path} has {tokenizer.n_words} tokens, the model {vocab_size} "
-                         f"(was the data made with another tokenizer?)")
 
 
 def show_thought(model, tokenizer, tokens, valid, cfg, step):

@@ -14,11 +14,11 @@ import torch
 
 import checkpoint
 from cli import check_device, read_overrides
-from dataloader import Documents, write_documents
+from dataloader import Documents, check_token_ids, write_documents
 from model import load_checkpoint, read_config, tensor_names
 from tiny_ckpt import make_tiny
 from tokenizer import check_vocabulary, load_tokenizer
-from train import check_token_ids, parse_config
+from train import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,7 +154,7 @@ def test_vocabulary_mismatch_and_token_ids_out_of_range(tmp_path):
         check_vocabulary(tokenizer, 300, "ckpt")
     check_vocabulary(tokenizer, 32002, "ckpt")
     write_documents(str(tmp_path / "docs"), [[5, 6, 7], [40000, 8]])
-    with pytest.raises(SystemExit, match=r"docs.bin: token id 40000 is out of range: the tokenizer .* 32000 tokens"):
+    with pytest.raises(ValueError, match=r"docs.bin: token id 40000 is out of range: the tokenizer .* 32000 tokens"):
         check_token_ids(Documents(str(tmp_path / "docs")), 32002, tokenizer)
 
 
