@@ -20,6 +20,7 @@ interrupted rotation: the newest complete one becomes ckpt, partial ones are del
 import json
 import os
 import shutil
+import time
 
 import torch
 import torch.distributed as dist
@@ -105,10 +106,18 @@ def tidy(out_dir):
     return (final, best[1]) if best else None
 
 
-def resume_state(out_dir):
-    """state.json of the checkpoint to resume from (the newest complete one, made out_dir/ckpt)."""
+def resume_state(out_dir, master=True):
+    """state.json of the checkpoint to resume from: the newest complete one, which the master
+    process makes out_dir/ckpt (the others only read, retrying while it renames)."""
     from model import read_json
-    found = tidy(out_dir) if os.path.isdir(out_dir) else None
+    for attempt in range(20):
+        try:
+            found = (tidy(out_dir) if master else newest(out_dir)) if os.path.isdir(out_dir) else None
+            if found is not None and not master:
+                read_json(os.path.join(found[0], "state.json"))
+            break
+        except FileNotFoundError:
+            time.sleep(0.5)
     if found is None:
         raise SystemExit(f"{out_dir}: no complete checkpoint to resume from (looked for ckpt, "
                          f"ckpt.old and ckpt.tmp with a {MANIFEST})")
@@ -118,16 +127,21 @@ def resume_state(out_dir):
     return state
 
 
+def refuse_used_out_dir(out_dir, resume, overwrite):
+    """A fresh run does not overwrite a checkpoint or mix its metrics with another run's."""
+    found = newest(out_dir) if not resume and os.path.isdir(out_dir) else None
+    if found and not overwrite:
+        raise SystemExit(f"{out_dir} already holds a checkpoint (step {found[1]}): continue it with "
+                         f"--init_from=resume, start over with --overwrite=True, or use another --out_dir")
+
+
 def prepare_out_dir(out_dir, resume, overwrite, start_step, master):
-    """A fresh run refuses an out_dir holding a checkpoint (unless overwrite: then it and the
-    old metrics go); a resumed run drops the metrics of steps after its checkpoint (a killed
-    run logged steps it never saved)."""
+    """Just before training: a fresh run removes an earlier run's checkpoints and metrics (only
+    with overwrite, see refuse_used_out_dir); a resumed run drops the metrics of steps after its
+    checkpoint (a killed run logged steps it never saved)."""
+    refuse_used_out_dir(out_dir, resume, overwrite)
     metrics_file = os.path.join(out_dir, "metrics.jsonl")
     if not resume and os.path.isdir(out_dir):
-        found = newest(out_dir)
-        if found and not overwrite:
-            raise SystemExit(f"{out_dir} already holds a checkpoint (step {found[1]}): continue it with "
-                             f"--init_from=resume, start over with --overwrite=True, or use another --out_dir")
         if master:
             for name in NAMES:
                 remove_dir(os.path.join(out_dir, name))

@@ -301,7 +301,8 @@ def resume_settings(argv):
     """For init_from=resume: the saved settings, with this command line's overrides on top,
     and the step of the newest complete checkpoint (an interrupted save is finished first)."""
     overrides = read_overrides(argv)
-    state = checkpoint.resume_state(make_settings(TrainConfig, dict(overrides)).out_dir)
+    out_dir = make_settings(TrainConfig, dict(overrides)).out_dir
+    state = checkpoint.resume_state(out_dir, master=int(os.environ.get("RANK", 0)) == 0)
     known = {f.name for f in fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
     cfg = check_settings(make_settings(TrainConfig, {**saved, **overrides, "init_from": "resume"}))
@@ -385,7 +386,7 @@ def main(argv):
         raise SystemExit(f"docs_per_step={cfg.docs_per_step} must be a multiple of "
                          f"micro_batch_size x processes = {cfg.micro_batch_size * world_size}")
     created_out_dir = not os.path.exists(cfg.out_dir)
-    checkpoint.prepare_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite, start_step, master)
+    checkpoint.refuse_used_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite)
 
     # data
     if master:
@@ -425,7 +426,10 @@ def main(argv):
         val_batches = Batches(Documents(data_path(cfg.val_data)), cfg.seq_len, cfg.micro_batch_size,
                               cfg.micro_batch_size, cfg.seed)
     if master:
+        checkpoint.prepare_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite, start_step, master)
         os.makedirs(cfg.out_dir, exist_ok=True)
+    if world_size > 1:
+        dist.barrier()
     try:
         train(cfg, model, wrapped, optimizer, batches, val_batches, tokenizer, autocast,
               start_step, n_micro, rank, world_size, device, fsdp)

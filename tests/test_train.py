@@ -168,8 +168,9 @@ def test_settings_are_type_checked(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    done = train([f"--data={tmp_path / 'nothing'}", "--max_steps=1"], tmp_path, check=False)
+    done = train([f"--data={tmp_path / 'nothing'}", "--max_steps=1"], tmp_path / "out", check=False)
     assert done.returncode != 0 and "nothing.bin: data file not found" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()   # no empty out_dir left
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
