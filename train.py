@@ -23,6 +23,7 @@ micro-batches and processes, clipped, and AdamW steps. mode=lm does plain next-t
 fine-tuning on the same data instead (the paper's baseline).
 """
 
+import atexit
 import json
 import math
 import os
@@ -322,11 +323,17 @@ def stop_non_finite(step, what, cfg, master):
     sys.exit(1)
 
 
-def install_signal_handlers(stop, master):
-    """SIGINT/SIGTERM: say so at once, finish the step, save, exit; a second one stops at once."""
+def install_signal_handlers(stop, master, out_dir):
+    """SIGINT/SIGTERM: say so at once, finish the step, save, exit; a second one stops at once
+    (a kill at any instant is safe for the checkpoints, see checkpoint.py)."""
     def on_signal(signum, frame):
         if stop["signal"] is not None:
-            raise KeyboardInterrupt
+            if master:
+                found = checkpoint.newest(out_dir)
+                os.write(sys.stdout.fileno(), ("stopped at once, without saving; " + (
+                    f"the last checkpoint is {found[0]} (step {found[1]})" if found
+                    else "no checkpoint was written") + "\n").encode())
+            os._exit(130)
         stop["signal"] = signum
         if master:
             os.write(sys.stdout.fileno(), (
@@ -428,27 +435,10 @@ def main(argv):
     if master:
         checkpoint.prepare_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite, start_step, master)
         os.makedirs(cfg.out_dir, exist_ok=True)
+        if created_out_dir:                       # a run that fails before its first step leaves nothing
+            atexit.register(checkpoint.remove_if_empty, cfg.out_dir)
     if world_size > 1:
         dist.barrier()
-    try:
-        train(cfg, model, wrapped, optimizer, batches, val_batches, tokenizer, autocast,
-              start_step, n_micro, rank, world_size, device, fsdp)
-    except KeyboardInterrupt:
-        if master:
-            found = checkpoint.newest(cfg.out_dir)
-            print("stopped at once, without saving; " + (
-                f"the last checkpoint is {found[0]} (step {found[1]})" if found else "no checkpoint was written"))
-        sys.exit(130)
-    finally:
-        if master and created_out_dir:
-            checkpoint.remove_if_empty(cfg.out_dir)   # a failed run leaves no empty out_dir behind
-    if world_size > 1:
-        dist.destroy_process_group()
-
-
-def train(cfg, model, wrapped, optimizer, batches, val_batches, tokenizer, autocast,
-          start_step, n_micro, rank, world_size, device, fsdp):
-    master = rank == 0
     n_params = sum(p.numel() for p in model.parameters()) * (world_size if fsdp else 1)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
@@ -462,7 +452,7 @@ def train(cfg, model, wrapped, optimizer, batches, val_batches, tokenizer, autoc
               f"{device}, steps {start_step + 1}..{cfg.max_steps}, out_dir {cfg.out_dir}")
 
     stop = {"signal": None, "step": start_step + 1}
-    install_signal_handlers(stop, master)
+    install_signal_handlers(stop, master, cfg.out_dir)
     model.train()
     metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
     t_start = time.time()
@@ -553,6 +543,8 @@ def train(cfg, model, wrapped, optimizer, batches, val_batches, tokenizer, autoc
     if master and cfg.mode == "quietstar" and start_step < cfg.max_steps and not fsdp and not stop["signal"]:
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
+    if world_size > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
