@@ -429,11 +429,11 @@ def read_config(path):
             raise ValueError(f"{hf_file}: rope_parameters should be an object, got {rope!r}")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"{hf_file}: rope_type {rope['rope_type']!r} is not supported")
-        heads = c["num_attention_heads"]
-        args = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"], n_heads=heads,
+        dim, heads = c["hidden_size"], c["num_attention_heads"]
+        numbers = all(isinstance(x, int) and x > 0 for x in (dim, heads))   # else checked_args says so
+        args = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
                     n_kv_heads=c.get("num_key_value_heads", heads),
-                    head_dim=c.get("head_dim") or (c["hidden_size"] // heads if isinstance(heads, int)
-                                                   and isinstance(c["hidden_size"], int) and heads else 0),
+                    head_dim=c.get("head_dim") or (dim // heads if numbers else 0),
                     hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
                     norm_eps=c.get("rms_norm_eps", 1e-5),
                     rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
