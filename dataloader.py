@@ -44,7 +44,14 @@ class Documents:
         for f in (bin_file, idx_file):
             if not os.path.isfile(f):
                 raise FileNotFoundError(f"{f}: data file not found (run the dataset's prepare.py)")
-        self.offsets = np.load(idx_file)
+        self.bin_file = bin_file
+        try:
+            self.offsets = np.load(idx_file, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise ValueError(f"{idx_file}: not a document index (.idx.npy) file ({e})") from None
+        if self.offsets.ndim != 1 or self.offsets.dtype.kind not in "iu" or \
+                (len(self.offsets) and (self.offsets[0] != 0 or (np.diff(self.offsets) < 0).any())):
+            raise ValueError(f"{idx_file}: expected increasing integer offsets starting at 0")
         self.tokens = np.memmap(bin_file, dtype=np.uint16, mode="r") if os.path.getsize(bin_file) else \
             np.zeros(0, dtype=np.uint16)
         if len(self.offsets) < 2:
@@ -55,6 +62,12 @@ class Documents:
 
     def __len__(self):
         return len(self.offsets) - 1
+
+    def max_token_id(self):
+        """The largest token id in the data (one pass over the file, in chunks)."""
+        chunk = 1 << 24
+        return max((int(self.tokens[i:i + chunk].max()) for i in range(0, len(self.tokens), chunk)),
+                   default=0)
 
     def __getitem__(self, d):
         return self.tokens[self.offsets[d]:self.offsets[d + 1]]
@@ -110,3 +123,13 @@ class Batches:
         tokens = torch.from_numpy(np.stack(rows))
         # as the official loader: padding is EOS, and every EOS is masked
         return tokens, tokens != self.eos_id, [d for _, d in picked]
+
+
+def check_token_ids(documents, vocab_size, tokenizer):
+    """Every token id of the data is a text token of the tokenizer and a row of the model."""
+    limit = min(vocab_size, tokenizer.n_words)
+    largest = documents.max_token_id()
+    if largest >= limit:
+        raise ValueError(f"{documents.bin_file}: token id {largest} is out of range: the tokenizer "
+                         f"{tokenizer.path} has {tokenizer.n_words} tokens, the model {vocab_size} "
+                         f"(was the data made with another tokenizer?)")

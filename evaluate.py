@@ -26,11 +26,10 @@ a checkpoint of train.py, or the authors' released layout (ezelikman/quietstar-8
 """
 
 import argparse
-import html
 import json
 import math
 import os
-import re
+import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
@@ -39,70 +38,20 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from dataloader import Documents
+import thinking_page
+from checkpoint import read_quietstar_config
+from cli import at_least, check_device, run, short_errors
+from dataloader import Documents, check_token_ids
+from model import read_json, tensor_names
 from quietstar import QuietStar, RELEASED_NAMES
-from tokenizer import Tokenizer
+from tasks import (DATA_FILES, download, extract_answer, gold, load_examples,  # noqa: F401 (re-exported)
+                   normalize_number, parse_example, question_text, scored_prompt, shuffled)
+from tokenizer import check_vocabulary, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANSWER_MARKER = [13, 28741, 28747]      # "\nA:" in Mistral's tokenizer
 DIGIT_TOKENS = [28740, 28750, 28770, 28781, 28782, 28784, 28787, 28783, 28774, 28734, 13]  # 1..9, 0, \n
 LETTER_TOKENS = [330, 365, 334, 384, 413, 13]                                               # A..E, \n
-DATA_FILES = {"gsm8k": "gsm8k/test.jsonl", "csqa": "csqa/dev_rand_split.jsonl"}
-DOWNLOADS = {"gsm8k": "https://raw.githubusercontent.com/openai/grade-school-math/master/"
-                      "grade_school_math/data/test.jsonl",
-             "csqa": "https://s3.amazonaws.com/commensenseqa/dev_rand_split.jsonl"}
-
-
-# -----------------------------------------------------------------------------
-# data and prompts (the official eval_helpers.py's formats)
-
-def load_examples(task, data_dir):
-    """-> list of dicts with question, choices (csqa), gold answer string."""
-    path = os.path.join(data_dir, DATA_FILES[task])
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: {task} data file not found (use --download, or --data_dir)")
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            r = json.loads(line)
-            try:
-                examples.append(parse_example(task, r))
-            except (KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: not a {task} record ({e!r})") from None
-    if not examples:
-        raise ValueError(f"{path}: no examples")
-    return examples
-
-
-def parse_example(task, r):
-    if task == "gsm8k":
-        return {"question": r["question"], "answer": r["answer"].split("####")[-1]}   # " 72"
-    q = r["question"]
-    if isinstance(q, dict):                          # the original release
-        stem, choices = q["stem"], [(c["label"], c["text"]) for c in q["choices"]]
-    else:                                            # Hugging Face's commonsense_qa
-        stem, choices = q, list(zip(r["choices"]["label"], r["choices"]["text"]))
-    return {"question": stem, "choices": choices, "answer": r["answerKey"]}
-
-
-def question_text(task, ex):
-    if task == "gsm8k":
-        return "Q: " + ex["question"]
-    return "Q: " + ex["question"] + "\n" + "\n".join(f"({label}) {text}" for label, text in ex["choices"])
-
-
-def scored_prompt(task, ex):
-    """The official eval prompt: question, "\\nA:", the gold answer, newline."""
-    answer = ex["answer"] if task == "gsm8k" else " " + ex["answer"]
-    return question_text(task, ex) + "\nA:" + answer + "\n"
-
-
-def gold(task, ex):
-    return normalize_number(ex["answer"]) if task == "gsm8k" else ex["answer"]
-
-
 # -----------------------------------------------------------------------------
 # the paper's metric
 
@@ -142,30 +91,6 @@ def paper_answer_probability(ids, logits, numeric, pad_id=2):
         p = logits[j, allowed].float().softmax(-1)
         probability *= p[allowed.index(true)].item()
     return probability
-
-
-# -----------------------------------------------------------------------------
-# answers the model gives
-
-def normalize_number(text):
-    """'1,000' -> '1000', ' 18.00' -> '18', '-3' -> '-3'; None if there is no number."""
-    match = re.search(r"-?[\d,]*\.?\d+", text)
-    if not match:
-        return None
-    number = match.group().replace(",", "")
-    try:
-        value = float(number)
-    except ValueError:
-        return None
-    return str(int(value)) if value == int(value) else str(value)
-
-
-def extract_answer(task, text):
-    """The answer in a generated continuation: the first number (GSM8K) or letter (CSQA)."""
-    if task == "gsm8k":
-        return normalize_number(text)
-    match = re.search(r"\b([A-E])\b", text)
-    return match.group(1) if match else None
 
 
 # -----------------------------------------------------------------------------
@@ -218,13 +143,31 @@ def mean_and_stderr(values):
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan"), n
 
 
-def paper_metric(qs, tok, task, examples, args, think):
+def progress(label, total):
+    """-> tick(done): one updating line on stderr with the count, elapsed time and ETA."""
+    t0, last = time.time(), [0.0]
+
+    def tick(done):
+        now = time.time()
+        if 0 < done < total and now - last[0] < 1.0:
+            return
+        last[0], elapsed = now, now - t0
+        eta = f"{elapsed / done * (total - done):.0f}s" if done else "?"
+        print(f"\r  {label}: {done}/{total} ({elapsed:.0f}s, eta {eta})   ", end="\n" if done >= total else "",
+              file=sys.stderr, flush=True)
+    tick(0)
+    return tick
+
+
+def paper_metric(qs, tok, task, examples, args, think, tick=None):
     probs = []
     for idx in batches(examples, args.batch_size):
         prompts = [scored_prompt(task, examples[i]) for i in idx]
         ids = [crop(tok.encode(p, bos=True), args.max_length, args.seed, i) for p, i in zip(prompts, idx)]
         logits, _ = teacher_forced(qs, ids, args.seed, idx, think)
         probs += [paper_answer_probability(x, lg, is_numeric_answer(tok.decode(x))) for x, lg in zip(ids, logits)]
+        if tick:
+            tick(len(probs))
     return mean_and_stderr(probs)
 
 
@@ -242,7 +185,7 @@ def generate(qs, prompts_ids, max_new_tokens, think, temperature, seed, indices)
                        generator=generators(seed, indices, device))
 
 
-def exact_match(qs, tok, task, examples, args, think):
+def exact_match(qs, tok, task, examples, args, think, tick=None):
     correct = []
     for idx in batches(examples, args.batch_size):
         prompts = [tok.encode(question_text(task, examples[i]) + "\nA:", bos=True) for i in idx]
@@ -250,10 +193,32 @@ def exact_match(qs, tok, task, examples, args, think):
         for i, out in zip(idx, outs):
             answer = extract_answer(task, tok.decode(out).split("\n")[0])
             correct.append(float(answer is not None and answer == gold(task, examples[i])))
+        if tick:
+            tick(len(correct))
     return mean_and_stderr(correct)
 
 
-def cot_majority(qs, tok, task, examples, args, think):
+COT_STOPS = ("Q:", "\n\n\n")
+
+
+def generate_until(qs, tok, ids, max_new_tokens, think, seed, index, stops=COT_STOPS, chunk=32):
+    """Sample up to max_new_tokens at temperature 0.9, in chunks, stopping after the chunk in
+    which a stop string (or EOS) appears; -> the text up to the first stop string."""
+    new = []
+    while len(new) < max_new_tokens:
+        n = min(chunk, max_new_tokens - len(new))
+        out = generate(qs, [ids + new], n, think, 0.9, seed + len(new), [index])[0]
+        new += out
+        text = continuation(tok, ids, new)
+        if len(out) < n or tok.eos_id in out or any(stop in text for stop in stops):
+            break
+    text = continuation(tok, ids, new)
+    for stop in stops:
+        text = text.split(stop)[0]
+    return text
+
+
+def cot_majority(qs, tok, task, examples, args, think, tick=None):
     """Zero-shot CoT (the official zero-shotcot-eval.py's prompts), k samples, majority vote."""
     correct = []
     for i, ex in enumerate(examples):
@@ -262,12 +227,12 @@ def cot_majority(qs, tok, task, examples, args, think):
         ids = tok.encode(prompt, bos=True)
         for k in range(args.cot_samples):
             seed = args.seed + 7919 * k
-            reasoning = continuation(tok, ids, generate(qs, [ids], args.cot_tokens, think, 0.9, seed, [i])[0])
-            for stop in ("Q:", "\n\n\n"):
-                reasoning = reasoning.split(stop)[0]
+            reasoning = generate_until(qs, tok, ids, args.cot_tokens, think, seed, i)
             follow = tok.encode(prompt + reasoning + "\nTherefore, the answer (arabic numerals) is", bos=True)
             answer = continuation(tok, follow, generate(qs, [follow], 12, think, 0.9, seed, [i])[0])
             votes.append(extract_answer(task, answer))
+            if tick:
+                tick(i * args.cot_samples + k + 1)
         votes = [v for v in votes if v is not None]
         majority = Counter(votes).most_common(1)[0][0] if votes else None
         correct.append(float(majority == gold(task, ex)))
@@ -283,12 +248,13 @@ def continuation(tok, prompt_ids, new_ids):
 DIFFICULTY_BINS = [(0.0, 1.0), (1.0, 2.0), (2.0, 4.0), (4.0, math.inf)]   # base NLL, nats
 
 
-def held_out_perplexity(qs, args):
+def held_out_perplexity(qs, args, tick=None):
     """Per-token NLL without and with thinking on held-out windows; the gain by difficulty."""
     from data.math.prepare import ensure_prepared
     ensure_prepared(args.ppl_data)                 # the default held-out text is made on first use
     docs = Documents(os.path.join(HERE, args.ppl_data) if not os.path.isabs(args.ppl_data) else args.ppl_data)
-    n = min(len(docs), args.ppl_docs)
+    check_token_ids(docs, qs.model.args.vocab_size, load_tokenizer(args.ckpt))
+    n = min(len(docs), args.ppl_docs, args.limit or len(docs))
     base_nll, think_nll = [], []
     for idx in batches(list(range(n)), args.batch_size):
         ids = [[1] + docs[i][:args.max_length - 1].tolist() for i in idx]
@@ -297,6 +263,8 @@ def held_out_perplexity(qs, args):
             for x, lg in zip(ids, logits):
                 targets = torch.tensor(x[1:], device=lg.device)
                 store += torch.nn.functional.cross_entropy(lg[:-1].float(), targets, reduction="none").tolist()
+        if tick:
+            tick(idx[-1] + 1)
     base_nll, think_nll = np.array(base_nll), np.array(think_nll)
     gain = base_nll - think_nll                       # > 0: thinking made the token likelier
     result = {"ppl_base": float(np.exp(base_nll.mean())), "ppl_thinking": float(np.exp(think_nll.mean())),
@@ -309,48 +277,26 @@ def held_out_perplexity(qs, args):
 
 
 # -----------------------------------------------------------------------------
-# where thinking helps: one self-contained HTML page
+# where thinking helps: one self-contained HTML page (thinking_page.py)
 
-def thinking_html(qs, tok, text, seed=0):
-    ids = tok.encode(text, bos=True)
-    _, (out, thoughts) = teacher_forced(qs, [ids], seed, [0], think=True)
-    base = out.base_logits[0].float().log_softmax(-1)
-    talk = out.talk_logits[0, :, 0].float().log_softmax(-1)
-    spans = []
-    for t in range(1, len(ids)):
-        gain = (talk[t - 1, ids[t]] - base[t - 1, ids[t]]).item()
-        weight = out.mix_weight[0, t - 1, 0].item()
-        thought = tok.decode(thoughts[0, 0, t - 1].tolist())
-        strength = min(abs(gain) / 2.0, 1.0)
-        color = f"rgba(0,160,0,{strength:.2f})" if gain > 0 else f"rgba(220,0,0,{strength:.2f})"
-        tip = f"thought: {thought}\nΔ log p: {gain:+.3f}\nmixing weight w: {weight:+.3f}"
-        shown = continuation(tok, ids[:t], ids[t:t + 1]) or tok.id_to_piece(ids[t])
-        spans.append(f'<span class="tok" style="background:{color}" title="{html.escape(tip)}">'
-                     f'{html.escape(shown)}</span>')
-    return HTML_PAGE.format(body="".join(spans).replace("\n</span>", "⏎</span><br>"))
+def thinking_html(qs, tok, text, seed=0, note=""):
+    rows = thinking_page.token_rows(qs, tok, text, seed, teacher_forced, continuation)
+    return thinking_page.page(rows, note)
 
 
-HTML_PAGE = """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>Where Quiet-STaR thinking helps</title>
-<style>
-body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 1.9; }}
-.tok {{ white-space: pre-wrap; border-radius: 3px; padding: 1px 0; cursor: help; }}
-.text {{ font-family: monospace; font-size: 15px; border: 1px solid #ccc; padding: 1em; }}
-</style></head><body>
-<h1>Where thinking helps</h1>
-<p>Quiet-STaR lets a language model think before every token: after each token it samples
-a short thought between <code>&lt;|startthought|&gt;</code> and <code>&lt;|endthought|&gt;</code>,
-then a small mixing head decides how much the post-thought prediction (weight w) and the
-plain prediction (weight 1&minus;w) count for the next token. Training rewards thoughts that
-make the following true tokens likelier.</p>
-<p>Each token of the text below is coloured by how much thinking changed the model's log
-probability of it: <span style="background:rgba(0,160,0,0.6)">green</span> when the thought
-made it likelier, <span style="background:rgba(220,0,0,0.6)">red</span> when less likely,
-stronger for larger changes (full colour at 2 nats). Hover a token to see the thought the
-model sampled just before it, the change, and the mixing weight w.</p>
-<div class="text">{body}</div>
-</body></html>
-"""
+def model_note(qs, ckpt):
+    """What produced the page: checkpoint, size, thought length, training step if known."""
+    n_params = sum(p.numel() for p in qs.parameters())
+    state_file = os.path.join(ckpt, "state.json")
+    step = ""
+    if os.path.isfile(state_file):
+        state = read_json(state_file)
+        step = f", trained {state.get('step', '?')} steps by train.py"
+        init = state.get("config", {}).get("init_from", "")
+        if init == "scratch":
+            step += " from random weights (so its thoughts are noise: the page shows the machinery, not insight)"
+    return (f"Model: {ckpt} ({n_params / 1e6:,.1f}M parameters, {qs.config.n_thought_tokens} thought "
+            f"tokens, one sampled thought per token{step}).")
 
 
 # -----------------------------------------------------------------------------
@@ -363,7 +309,7 @@ def load_for_eval(args):
     if True in think_modes and not has_parts:
         raise SystemExit(f"{args.ckpt}: no Quiet-STaR parts (start_embedding, end_embedding, "
                          f"talk_head.*) in this checkpoint, so it cannot think; use --think=no")
-    qs = QuietStar.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
+    qs = QuietStar.from_pretrained(args.ckpt, read_quietstar_config(args.ckpt), device=args.device, dtype=dtype)
     if args.n_thought_tokens:
         qs.config = replace(qs.config, n_thought_tokens=args.n_thought_tokens)
     return qs.eval(), think_modes
@@ -371,89 +317,92 @@ def load_for_eval(args):
 
 def has_quietstar_parts(path):
     """Whether a checkpoint directory holds the released Quiet-STaR tensors."""
-    from safetensors import safe_open
-    names = set()
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            with safe_open(os.path.join(path, f), framework="pt") as st:
-                names |= set(st.keys())
-    return set(RELEASED_NAMES) <= names
+    return set(RELEASED_NAMES) <= tensor_names(path)
 
 
-def download(data_dir):
-    import urllib.request
-    for task, url in DOWNLOADS.items():
-        path = os.path.join(data_dir, DATA_FILES[task])
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        print(f"downloading {url} -> {path}")
-        urllib.request.urlretrieve(url, path + ".tmp")
-        os.replace(path + ".tmp", path)
-
-
-def shuffled(examples, seed, limit):
-    """The fixed order the official CoT script used (GSM8K test shuffled with seed 42), cut to limit."""
-    order = np.random.default_rng(seed).permutation(len(examples))
-    return [examples[i] for i in order[:limit or None]]
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args():
+    p = short_errors(argparse.ArgumentParser(description=__doc__,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--tasks", default="gsm8k,csqa")
-    p.add_argument("--metrics", default="paper,exact,cot,ppl")
+    p.add_argument("--tasks", default="gsm8k,csqa", help=f"comma-separated: {', '.join(DATA_FILES)}")
+    p.add_argument("--metrics", default="paper,exact,cot,ppl", help=f"comma-separated: {', '.join(METRICS)}")
     p.add_argument("--think", default="auto", choices=["auto", "both", "yes", "no"])
-    p.add_argument("--limit", type=int, default=0, help="first N examples of the seed-42 order (0: all)")
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--max_length", type=int, default=256)
-    p.add_argument("--answer_tokens", type=int, default=16)
-    p.add_argument("--cot_samples", type=int, default=8)
-    p.add_argument("--cot_tokens", type=int, default=384)
-    p.add_argument("--cot_limit", type=int, default=128, help="the official script used 128 questions")
+    p.add_argument("--limit", type=at_least(0), default=0,
+                   help="at most N examples (or held-out documents) for every metric (0: all)")
+    p.add_argument("--batch_size", type=at_least(1), default=8)
+    p.add_argument("--max_length", type=at_least(8), default=256)
+    p.add_argument("--answer_tokens", type=at_least(1), default=16)
+    p.add_argument("--cot_samples", type=at_least(1), default=8)
+    p.add_argument("--cot_tokens", type=at_least(1), default=384)
+    p.add_argument("--cot_limit", type=at_least(1), default=128, help="the official script used 128 questions")
     p.add_argument("--ppl_data", default="data/math/val")
-    p.add_argument("--ppl_docs", type=int, default=250)
-    p.add_argument("--n_thought_tokens", type=int, default=0, help="override (5 for quietstar-8-ahead)")
+    p.add_argument("--ppl_docs", type=at_least(1), default=250)
+    p.add_argument("--n_thought_tokens", type=at_least(0), default=0, help="override (5 for quietstar-8-ahead)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16"])
     p.add_argument("--data_dir", default=os.path.join(HERE, "data"))
     p.add_argument("--download", action="store_true", help="fetch GSM8K test and CSQA dev into --data_dir")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--html", default="", help="write a page showing where thinking helps on --text")
-    p.add_argument("--text", default="Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38")
+    p.add_argument("--text", default="Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38",
+                   help='for --html; "\\n" in it is a newline')
     args = p.parse_args()
+    args.tasks = [t for t in args.tasks.split(",") if t]
+    args.metrics = [m for m in args.metrics.split(",") if m]
+    for name, given, known in (("task", args.tasks, DATA_FILES), ("metric", args.metrics, METRICS)):
+        for x in given:
+            if x not in known:
+                p.error(f"unknown {name} {x!r}; {name}s: {', '.join(known)}")
+    for name in ("json", "html"):                    # before any work, not after it
+        path = getattr(args, name)
+        folder = os.path.dirname(os.path.abspath(path)) if path else ""
+        if path and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
+            p.error(f"--{name} {path}: cannot write there ({folder} is not a writable directory)")
+    check_device(args.device)
+    args.text = args.text.replace("\\n", "\n")
+    return args
+
+
+METRICS = ("paper", "exact", "cot", "ppl")
+
+
+def main():
+    args = parse_args()
     if args.download:
         download(args.data_dir)
-    tok = Tokenizer(os.path.join(HERE, "assets", "tokenizer.model"))
+    tok = load_tokenizer(args.ckpt)
     qs, think_modes = load_for_eval(args)
+    check_vocabulary(tok, qs.model.args.vocab_size, args.ckpt)
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
-            f.write(thinking_html(qs, tok, args.text, args.seed))
+            f.write(thinking_html(qs, tok, args.text, args.seed, model_note(qs, args.ckpt)))
         print(f"wrote {args.html}")
         return
 
-    results, metrics = {}, args.metrics.split(",")
-    for task in [t for t in args.tasks.split(",") if t]:
-        if task not in DATA_FILES:
-            raise SystemExit(f"unknown task {task!r}; tasks: {', '.join(DATA_FILES)}")
+    results = {}
+    for task in args.tasks:
         examples = shuffled(load_examples(task, args.data_dir), args.seed, args.limit)
-        for metric in metrics:
+        for metric in args.metrics:
             if metric == "ppl" or (metric == "cot" and task != "gsm8k"):
                 continue
             for think in think_modes:
                 t0 = time.time()
+                label = f"{task} {metric} {'thinking' if think else 'no thinking'}"
                 if metric == "paper":
-                    value = paper_metric(qs, tok, task, examples, args, think)
+                    value = paper_metric(qs, tok, task, examples, args, think, progress(label, len(examples)))
                 elif metric == "exact":
-                    value = exact_match(qs, tok, task, examples, args, think)
-                elif metric == "cot":
-                    value = cot_majority(qs, tok, task, examples[:args.cot_limit], args, think)
+                    value = exact_match(qs, tok, task, examples, args, think, progress(label, len(examples)))
                 else:
-                    raise SystemExit(f"unknown metric {metric!r}; metrics: paper, exact, cot, ppl")
+                    cot = examples[:args.cot_limit]
+                    value = cot_majority(qs, tok, task, cot, args, think, progress(label, len(cot) * args.cot_samples))
                 results[f"{task}/{metric}/{'thinking' if think else 'no_thinking'}"] = value
-                print(f"  {task} {metric} {'thinking' if think else 'no thinking'}: "
-                      f"{value[0]:.4f} ± {value[1]:.4f} (n={value[2]}, {time.time() - t0:.1f}s)", flush=True)
-    if "ppl" in metrics and True in think_modes:
-        for name, value in held_out_perplexity(qs, args).items():
+                print(f"  {label}: {value[0]:.4f} ± {value[1]:.4f} (n={value[2]}, {time.time() - t0:.1f}s)",
+                      flush=True)
+    if "ppl" in args.metrics and True in think_modes:
+        n_docs = min(args.ppl_docs, args.limit or args.ppl_docs)
+        for name, value in held_out_perplexity(qs, args, progress("held-out perplexity", n_docs)).items():
             results[f"math/{name}"] = value
 
     print(f"\n{'metric':44s} {'value':>9s} {'stderr':>8s} {'n':>7s}")
@@ -467,7 +416,8 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.ckpt, "results": results}, f, indent=2)
+        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -383,33 +383,74 @@ def permute_for_rope(w, n_heads, to_hf):
     return w.reshape(shape).transpose(1, 2).reshape(out_features, dim)
 
 
+def read_json(file, required=()):
+    """A JSON object from a file, with errors that name the file: not found, not JSON, not
+    an object, or a required key missing."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: file not found") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file}: expected a JSON object {{...}}, got {type(data).__name__}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{file}: missing key {missing[0]!r}")
+    return data
+
+
+def checked_args(file, values):
+    """ModelArgs from {field: value}, each value of the field's type and in range."""
+    for name, value in values.items():
+        kind = {"norm_eps": float, "rope_theta": float}.get(name, int)
+        if name == "sliding_window" and value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ValueError(f"{file}: {name} should be {'a number' if kind is float else 'an integer'}, "
+                             f"got {value!r}")
+        if not value > 0:
+            raise ValueError(f"{file}: {name} should be > 0, got {value!r}")
+    args = ModelArgs(**values)
+    if args.n_heads % args.n_kv_heads:
+        raise ValueError(f"{file}: n_heads {args.n_heads} is not a multiple of n_kv_heads {args.n_kv_heads}")
+    return args
+
+
 def read_config(path):
     """Return (ModelArgs, layout) for a checkpoint directory; layout is "hf" or "mistral"."""
     hf_file, mistral_file = os.path.join(path, "config.json"), os.path.join(path, "params.json")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
     if os.path.isfile(hf_file):
-        c = json.load(open(hf_file))
+        c = read_json(hf_file, required=("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                         "intermediate_size", "vocab_size"))
         if c.get("hidden_act", "silu") != "silu" or c.get("tie_word_embeddings", False):
             raise ValueError(f"{hf_file}: not a Mistral architecture (needs hidden_act silu "
                              f"and untied embeddings)")
         # transformers >= 5 writes rope_theta inside "rope_parameters"; older files at the top
         rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise ValueError(f"{hf_file}: rope_parameters should be an object, got {rope!r}")
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"{hf_file}: rope_type {rope['rope_type']!r} is not supported")
-        args = dict(dim=c["hidden_size"], n_layers=c["num_hidden_layers"],
-                    n_heads=c["num_attention_heads"], n_kv_heads=c["num_key_value_heads"],
-                    head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
+        dim, heads = c["hidden_size"], c["num_attention_heads"]
+        numbers = all(isinstance(x, int) and x > 0 for x in (dim, heads))   # else checked_args says so
+        args = dict(dim=dim, n_layers=c["num_hidden_layers"], n_heads=heads,
+                    n_kv_heads=c.get("num_key_value_heads", heads),
+                    head_dim=c.get("head_dim") or (dim // heads if numbers else 0),
                     hidden_dim=c["intermediate_size"], vocab_size=c["vocab_size"],
-                    norm_eps=c["rms_norm_eps"],
+                    norm_eps=c.get("rms_norm_eps", 1e-5),
                     rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)),
                     sliding_window=c.get("sliding_window"))
-        return ModelArgs(**args), "hf"
+        return checked_args(hf_file, args), "hf"
     if os.path.isfile(mistral_file):
-        c = json.load(open(mistral_file))
+        c = read_json(mistral_file, required=("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                                              "hidden_dim", "vocab_size"))
         known = {f.name for f in fields(ModelArgs)}
         # Mistral-7B-v0.1's params.json has no rope_theta: the dataclass default 10000 is right
-        return ModelArgs(**{k: v for k, v in c.items() if k in known}), "mistral"
+        return checked_args(mistral_file, {k: v for k, v in c.items() if k in known}), "mistral"
     raise FileNotFoundError(f"{path}: no config.json (Hugging Face layout) or params.json "
                             f"(Mistral layout) in this directory")
 
@@ -419,7 +460,10 @@ def weight_files(path, layout):
     if layout == "hf":
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            files = sorted(set(json.load(open(index))["weight_map"].values()))
+            weight_map = read_json(index, required=("weight_map",))["weight_map"]
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index}: weight_map should map tensor names to file names")
+            files = sorted(set(weight_map.values()))
         else:
             files = ["model.safetensors"]
     elif os.path.isfile(os.path.join(path, "consolidated.00.pth")):  # the v0.1 tarball
@@ -435,7 +479,7 @@ def weight_files(path, layout):
 def read_tensors(file):
     """Yield (name, tensor) from one weight file, lazily (memory-mapped)."""
     if file.endswith(".pth"):
-        yield from torch.load(file, map_location="cpu", mmap=True, weights_only=True).items()
+        yield from read_weights_only(file).items()
         return
     from safetensors import safe_open
     try:
@@ -443,7 +487,44 @@ def read_tensors(file):
             for name in f.keys():
                 yield name, f.get_tensor(name)
     except Exception as e:  # safetensors raises its own error type for broken files
-        raise ValueError(f"{file}: cannot read this safetensors file ({e})") from e
+        raise ValueError(f"{file}: cannot read this safetensors file, truncated or not "
+                         f"safetensors ({e})") from None
+
+
+def tensor_names(path):
+    """The names of every tensor stored in a checkpoint directory (safetensors: headers only)."""
+    from safetensors import safe_open
+    names = set()
+    for file in weight_files(path, read_config(path)[1]):
+        if file.endswith(".pth"):
+            names |= set(read_weights_only(file))
+            continue
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                names |= set(f.keys())
+        except Exception as e:
+            raise ValueError(f"{file}: cannot read this safetensors file, truncated or not "
+                             f"safetensors ({e})") from None
+    return names
+
+
+def read_weights_only(file, mmap=True):
+    """torch.load of a .pth/.pt file that holds only tensors (and plain containers). A file
+    holding other Python objects is refused, and no code from it runs."""
+    import pickle
+    try:
+        data = torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{file}: not a weights-only file (it holds Python objects other than "
+                         f"tensors, which could run code when loaded; refused)") from None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: file not found") from None
+    except Exception as e:
+        raise ValueError(f"{file}: cannot read this file, truncated or not a torch "
+                         f"checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise ValueError(f"{file}: expected a dict of tensors")
+    return data
 
 
 def load_checkpoint(path, device="cpu", dtype=torch.float32, allow_extra=()):

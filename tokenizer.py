@@ -278,6 +278,29 @@ class Tokenizer:
         return self._id_bytes[i].decode("utf-8", errors="replace")
 
 
+VENDORED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")
+
+
+def load_tokenizer(ckpt_dir=None):
+    """The one place every tool gets its tokenizer: the checkpoint directory's own
+    tokenizer.model when it has one (train.py copies it into every checkpoint), else the
+    Mistral-7B-v0.1 tokenizer shipped in assets/ (for ckpt_dir None, or a checkpoint without
+    one). A path to a tokenizer file is read as it is."""
+    if ckpt_dir is None:
+        return Tokenizer(VENDORED)
+    if os.path.isfile(ckpt_dir):
+        return Tokenizer(ckpt_dir)
+    own = os.path.join(ckpt_dir, "tokenizer.model")
+    return Tokenizer(own if os.path.isfile(own) else VENDORED)
+
+
+def check_vocabulary(tokenizer, model_vocab_size, ckpt):
+    """A model must have a row for every id the tokenizer can produce."""
+    if model_vocab_size < tokenizer.n_words:
+        raise ValueError(f"{ckpt}: vocabulary mismatch: the model has {model_vocab_size} tokens, "
+                         f"its tokenizer {tokenizer.path} has {tokenizer.n_words}")
+
+
 if __name__ == "__main__":
     here = os.path.dirname(os.path.abspath(__file__))
     tok = Tokenizer(os.path.join(here, "assets", "tokenizer.model"))

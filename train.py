@@ -10,9 +10,11 @@ Quiet-STaR training, in one readable loop, from one CPU to many GPUs.
         --master_port=29500 train.py config/quietstar_mistral7b.py ...  # and node_rank=1 on the other
     python train.py --init_from=resume --out_dir=out                # continue where it stopped
 
-Settings are the fields of TrainConfig below. Override them with config files (Python files
-of plain assignments, see config/) and then with --name=value arguments; both are
-type-checked, and the final settings are saved with every checkpoint.
+Settings are the fields of TrainConfig below (`python train.py --help` lists them). Override
+them with config files (Python files of plain assignments, see config/) and then with
+--name=value (or --name value) arguments; both are type- and range-checked, and the final
+settings are saved with every checkpoint. Checkpoints rotate safely (see checkpoint.py); a
+fresh run refuses an out_dir that holds one (--init_from=resume, or --overwrite=True).
 
 One optimizer step: the step's documents (docs_per_step, the same whatever the number of
 processes) are split into micro-batches; for each, thoughts are sampled without gradient,
@@ -21,12 +23,11 @@ micro-batches and processes, clipped, and AdamW steps. mode=lm does plain next-t
 fine-tuning on the same data instead (the paper's baseline).
 """
 
-import ast
+import atexit
 import json
 import math
 import os
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -37,10 +38,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dataloader import Batches, Documents
-from model import PEAK_BF16_FLOPS, ModelArgs, Transformer, read_config
+import checkpoint
+from cli import (check_device, check_dtype, check_range, make_settings, read_overrides, run,
+                 settings_help)
+from dataloader import Batches, Documents, check_token_ids
+from model import PEAK_BF16_FLOPS, PRESETS, ModelArgs, Transformer, read_config
 from quietstar import QuietStar, QuietStarConfig, quietstar_loss
-from tokenizer import Tokenizer
+from tokenizer import check_vocabulary, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -90,6 +94,7 @@ class TrainConfig:
     eval_batches: int = 4
     eval_paper_examples: int = 0     # with eval_interval: the paper's GSM8K/CSQA metric on N examples
     save_interval: int = 50
+    overwrite: bool = False          # a fresh run may replace a checkpoint already in out_dir
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
 
@@ -97,45 +102,39 @@ class TrainConfig:
 # settings: defaults <- config files <- --name=value
 
 def parse_config(argv):
-    """TrainConfig from config files and --name=value arguments, type-checked."""
-    return make_config(read_overrides(argv))
+    """TrainConfig from config files and --name=value arguments, type- and range-checked."""
+    if "--help" in argv or "-h" in argv:
+        print(settings_help(TrainConfig, __doc__))
+        sys.exit(0)
+    return check_settings(make_settings(TrainConfig, read_overrides(argv)))
 
 
-def read_overrides(argv):
-    """{name: value} from config files and --name=value arguments, in order."""
-    values = {}
-    for arg in argv:
-        if not arg.startswith("--"):
-            if not os.path.isfile(arg):
-                raise SystemExit(f"{arg}: config file not found")
-            scope = {}
-            exec(open(arg).read(), {}, scope)
-            values.update({k: v for k, v in scope.items() if not k.startswith("_")})
-        else:
-            if "=" not in arg:
-                raise SystemExit(f"{arg}: expected --name=value")
-            name, text = arg[2:].split("=", 1)
-            try:
-                values[name] = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                values[name] = text                 # a plain string
-    return values
-
-
-def make_config(values):
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    for name, value in values.items():
-        if name not in types:
-            raise SystemExit(f"unknown setting {name!r}; settings are: {', '.join(types)}")
-        expected = types[name]
-        if expected is float and type(value) is int:
-            values[name] = value = float(value)
-        if expected is str and type(value) is not str:
-            values[name] = value = str(value)
-        if type(value) is not expected:
-            raise SystemExit(f"setting {name}={value!r}: expected {expected.__name__}, "
-                             f"got {type(value).__name__}")
-    return TrainConfig(**values)
+def check_settings(cfg):
+    """Every setting in its allowed range, with the range in the message."""
+    for name in ("seq_len", "docs_per_step", "micro_batch_size", "n_thought_tokens", "n_talk",
+                 "n_thoughts", "max_steps", "log_interval", "save_interval", "eval_batches"):
+        check_range(name, getattr(cfg, name), 1)
+    for name in ("n_documents", "warmup_steps", "thought_interval", "eval_interval",
+                 "eval_paper_examples", "weight_decay", "policy_weight"):
+        check_range(name, getattr(cfg, name), 0)
+    check_range("learning_rate", cfg.learning_rate, 0, 1e30)    # torch refuses > 3.4e38
+    for name in ("grad_clip", "reinforce_temperature", "embedding_scale"):
+        check_range(name, getattr(cfg, name), 0, low_open=True)
+    check_range("base_loss_weight", cfg.base_loss_weight, 0, 1)
+    check_range("beta1", cfg.beta1, 0, 0.999999)
+    check_range("beta2", cfg.beta2, 0, 0.999999)
+    if cfg.mode == "quietstar":
+        check_range("seq_len", cfg.seq_len, cfg.n_talk + 1)
+    if cfg.docs_per_step % cfg.micro_batch_size:
+        raise SystemExit(f"docs_per_step={cfg.docs_per_step} must be a multiple of "
+                         f"micro_batch_size={cfg.micro_batch_size}")
+    if cfg.mode not in ("quietstar", "lm"):
+        raise SystemExit(f"mode={cfg.mode!r}: expected 'quietstar' or 'lm'")
+    if cfg.init_from == "scratch" and cfg.preset not in PRESETS:
+        raise SystemExit(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
+    check_dtype(cfg.dtype)
+    check_device(cfg.device)
+    return cfg
 
 
 # -----------------------------------------------------------------------------
@@ -297,84 +296,55 @@ def average_metrics(per_micro, world_size):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints: model (Quiet-STaR layout) + state.json + optimizer state per process
-
-def full_state_dict(model, fsdp):
-    if not fsdp:
-        return model.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(optimizer):
-    """Optimizer state with plain tensors (FSDP keeps each process's shard as a DTensor)."""
-    state = optimizer.state_dict()
-    for per_param in state["state"].values():
-        for k, v in per_param.items():
-            if hasattr(v, "to_local"):
-                per_param[k] = v.to_local()
-    return state
-
-
-def load_optimizer_state(optimizer, state):
-    from torch.distributed.tensor import DTensor
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    for i, per_param in state["state"].items():
-        p = params[int(i)]
-        for k, v in per_param.items():
-            if isinstance(p, DTensor) and v.dim() > 0:
-                per_param[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements,
-                                                  shape=p.shape, stride=p.stride())
-    optimizer.load_state_dict(state)
-
-
-def save_checkpoint(model, optimizer, cfg, step, rank, world_size, fsdp):
-    """out_dir/ckpt, replaced as a whole: written to a temporary directory, then renamed."""
-    final, tmp = os.path.join(cfg.out_dir, "ckpt"), os.path.join(cfg.out_dir, "ckpt.tmp")
-    state_dict = full_state_dict(model, fsdp)
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        if isinstance(model, QuietStar):
-            model.save_pretrained(tmp, state_dict=state_dict)
-        else:
-            model.save_pretrained(tmp)
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"config": asdict(cfg), "step": step, "world_size": world_size}, f, indent=2)
-    if world_size > 1:
-        dist.barrier()
-    torch.save(optimizer_state(optimizer), os.path.join(tmp, f"optimizer.rank{rank}.pt"))
-    if world_size > 1:
-        dist.barrier()
-    if rank == 0:
-        old = final + ".old"
-        if os.path.isdir(final):
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    if world_size > 1:
-        dist.barrier()
-
+# checkpoints (see checkpoint.py): out_dir/ckpt, rotated so that a kill never loses one
 
 def resume_settings(argv):
-    """For init_from=resume: the saved settings, with this command line's overrides on top."""
+    """For init_from=resume: the saved settings, with this command line's overrides on top,
+    and the step of the newest complete checkpoint (an interrupted save is finished first)."""
     overrides = read_overrides(argv)
-    state_file = os.path.join(make_config(dict(overrides)).out_dir, "ckpt", "state.json")
-    if not os.path.isfile(state_file):
-        raise SystemExit(f"{state_file}: no checkpoint to resume from")
-    state = json.load(open(state_file))
-    saved = {**state["config"], **overrides, "init_from": "resume"}
-    return make_config(saved), state["step"]
+    out_dir = make_settings(TrainConfig, dict(overrides)).out_dir
+    state = checkpoint.resume_state(out_dir, master=int(os.environ.get("RANK", 0)) == 0)
+    known = {f.name for f in fields(TrainConfig)}
+    saved = {k: v for k, v in state["config"].items() if k in known}
+    cfg = check_settings(make_settings(TrainConfig, {**saved, **overrides, "init_from": "resume"}))
+    return cfg, state["step"]
 
 
 # -----------------------------------------------------------------------------
 
 def stop_non_finite(step, what, cfg, master):
-    """Stop before the optimizer step, so the last checkpoint stays the last good one."""
+    """Stop before the optimizer step (or before saving non-finite weights), so the last
+    checkpoint stays the last good one. step counts from 1, as the console."""
     if master:
-        print(f"step {step}: {what} is not finite; stopping without saving "
-              f"(the last good checkpoint in {cfg.out_dir}/ckpt is untouched)", flush=True)
+        found = checkpoint.newest(cfg.out_dir) if os.path.isdir(cfg.out_dir) else None
+        kept = f"the last good checkpoint, {found[0]} (step {found[1]}), is untouched" if found \
+            else "no checkpoint was written"
+        print(f"step {step}: non-finite {what}; stopping without saving ({kept})", flush=True)
     sys.exit(1)
+
+
+def install_signal_handlers(stop, master, out_dir):
+    """SIGINT/SIGTERM: say so at once, finish the step, save, exit; a second one stops at once
+    (a kill at any instant is safe for the checkpoints, see checkpoint.py)."""
+    def on_signal(signum, frame):
+        if stop["signal"] is not None:
+            if master:
+                found = checkpoint.newest(out_dir)
+                os.write(sys.stdout.fileno(), ("stopped at once, without saving; " + (
+                    f"the last checkpoint is {found[0]} (step {found[1]})" if found
+                    else "no checkpoint was written") + "\n").encode())
+            os._exit(130)
+        stop["signal"] = signum
+        if master:
+            os.write(sys.stdout.fileno(), (
+                f"\n{signal.Signals(signum).name}: finishing step {stop['step']}, then saving; "
+                f"press Ctrl-C again to stop without saving\n").encode())
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+def data_path(path):
+    return path if os.path.isabs(path) else os.path.join(HERE, path)
 
 
 def show_thought(model, tokenizer, tokens, valid, cfg, step):
@@ -419,8 +389,11 @@ def main(argv):
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
     fsdp = cfg.fsdp and world_size > 1
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    if cfg.docs_per_step % (cfg.micro_batch_size * world_size):
+        raise SystemExit(f"docs_per_step={cfg.docs_per_step} must be a multiple of "
+                         f"micro_batch_size x processes = {cfg.micro_batch_size * world_size}")
+    created_out_dir = not os.path.exists(cfg.out_dir)
+    checkpoint.refuse_used_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite)
 
     # data
     if master:
@@ -428,18 +401,18 @@ def main(argv):
         ensure_prepared(cfg.data, cfg.val_data if cfg.eval_interval else "")
     if world_size > 1:
         dist.barrier()
-    data_path = cfg.data if os.path.isabs(cfg.data) else os.path.join(HERE, cfg.data)
-    n_micro_total = cfg.docs_per_step // cfg.micro_batch_size
-    if cfg.docs_per_step % (cfg.micro_batch_size * world_size):
-        raise SystemExit(f"docs_per_step={cfg.docs_per_step} must be a multiple of "
-                         f"micro_batch_size x processes = {cfg.micro_batch_size * world_size}")
-    n_micro = n_micro_total // world_size                  # micro-batches per process and step
-    batches = Batches(Documents(data_path), cfg.seq_len, cfg.docs_per_step, cfg.micro_batch_size,
+    n_micro = cfg.docs_per_step // cfg.micro_batch_size // world_size   # micro-batches per process and step
+    documents = Documents(data_path(cfg.data))
+    batches = Batches(documents, cfg.seq_len, cfg.docs_per_step, cfg.micro_batch_size,
                       cfg.seed, n_documents=cfg.n_documents or None)
 
-    # model and optimizer
+    # model, tokenizer, optimizer
     source = os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from
+    tokenizer = load_tokenizer(None if source == "scratch" else source)
     model = load_model(cfg, source, rank, device, fsdp)
+    vocab_size = (model.model if isinstance(model, QuietStar) else model).args.vocab_size
+    check_vocabulary(tokenizer, vocab_size, source)
+    check_token_ids(documents, vocab_size, tokenizer)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if fsdp:
@@ -451,17 +424,21 @@ def main(argv):
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
     if cfg.init_from == "resume":
-        file = os.path.join(source, f"optimizer.rank{rank}.pt")
-        load_optimizer_state(optimizer, torch.load(file, map_location=device, weights_only=True))
+        checkpoint.load_optimizer_state(optimizer, os.path.join(source, f"optimizer.rank{rank}.pt"), device)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
         if device.startswith("cuda") and cfg.dtype == "bfloat16" and not cfg.pure_bf16 and not fsdp \
         else nullcontext()
-    tokenizer = Tokenizer(os.path.join(HERE, "assets", "tokenizer.model"))
     val_batches = None
     if cfg.eval_interval and cfg.val_data:
-        val_path = cfg.val_data if os.path.isabs(cfg.val_data) else os.path.join(HERE, cfg.val_data)
-        val_batches = Batches(Documents(val_path), cfg.seq_len, cfg.micro_batch_size,
+        val_batches = Batches(Documents(data_path(cfg.val_data)), cfg.seq_len, cfg.micro_batch_size,
                               cfg.micro_batch_size, cfg.seed)
+    if master:
+        checkpoint.prepare_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite, start_step, master)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if created_out_dir:                       # a run that fails before its first step leaves nothing
+            atexit.register(checkpoint.remove_if_empty, cfg.out_dir)
+    if world_size > 1:
+        dist.barrier()
     n_params = sum(p.numel() for p in model.parameters()) * (world_size if fsdp else 1)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
@@ -472,21 +449,18 @@ def main(argv):
     if master:
         print(f"training {type(model).__name__} ({n_params / 1e6:.1f}M parameters), mode {cfg.mode}, "
               f"{world_size} process(es){' with FSDP2' if fsdp else ' with DDP' if world_size > 1 else ''}, "
-              f"{device}, steps {start_step}..{cfg.max_steps}, out_dir {cfg.out_dir}")
+              f"{device}, steps {start_step + 1}..{cfg.max_steps}, out_dir {cfg.out_dir}")
 
-    stop = {"signal": None}   # SIGINT/SIGTERM: finish the step, save, exit
-
-    def on_signal(signum, frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
+    stop = {"signal": None, "step": start_step + 1}
+    install_signal_handlers(stop, master, cfg.out_dir)
     model.train()
     metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
     t_start = time.time()
     step = start_step
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
+        done = step + 1                  # steps done after this one; the console's and metrics' number
+        stop["step"] = done
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(cfg, step)
         per_micro, processed = [], 0
@@ -504,22 +478,22 @@ def main(argv):
             except RuntimeError as e:   # sampling from non-finite logits
                 if "inf" not in str(e) and "nan" not in str(e):
                     raise
-                stop_non_finite(step, "the logits", cfg, master)
+                stop_non_finite(done, "logits", cfg, master)
             (loss / n_micro).backward()
             per_micro.append(metrics)
             processed += n
         metrics = average_metrics(per_micro, world_size)
         if not math.isfinite(metrics["loss"]):
-            stop_non_finite(step, f"the loss ({metrics['loss']})", cfg, master)
+            stop_non_finite(done, f"loss ({metrics['loss']})", cfg, master)
         grad_norm = clip_gradients(model, cfg.grad_clip, fsdp).item()
         if not math.isfinite(grad_norm):
-            stop_non_finite(step, f"the gradient norm ({grad_norm})", cfg, master)
+            stop_non_finite(done, f"gradient norm ({grad_norm})", cfg, master)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         dt = time.time() - t0
-        done = step + 1
+        last_of_run = done == cfg.max_steps or stop["signal"] is not None
 
         if master and (step % cfg.log_interval == 0 or done == cfg.max_steps):
             tokens_per_s = processed * world_size / dt
@@ -527,7 +501,7 @@ def main(argv):
             peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             eta = (time.time() - t_start) / (done - start_step) * (cfg.max_steps - done)
-            record = dict(step=step, lr=learning_rate(cfg, step), grad_norm=float(grad_norm),
+            record = dict(step=done, lr=learning_rate(cfg, step), grad_norm=float(grad_norm),
                           tokens_per_s=tokens_per_s, mfu=mfu, peak_mem_gb=peak_mem / 2**30,
                           step_time_s=dt, **metrics)
             metrics_file.write(json.dumps(record) + "\n")
@@ -539,31 +513,34 @@ def main(argv):
                   f"{tokens_per_s:,.0f} tok/s{f' mfu {mfu:.1%}' if mfu else ''} "
                   f"mem {peak_mem / 2**30:.1f}GB {dt:.2f}s", flush=True)
             if wandb:
-                wandb.log(record, step=step)
+                wandb.log(record, step=done)
         if master and cfg.mode == "quietstar" and cfg.thought_interval and done % cfg.thought_interval == 0 \
-                and not fsdp:
+                and not fsdp and not last_of_run:                   # the last one is shown below
             show_thought(model, tokenizer, tokens, valid, cfg, step)
         if val_batches and done % cfg.eval_interval == 0:
             val = validation_loss(model, wrapped, cfg, step, val_batches)
             if master:
                 print(f"  validation loss {val:.4f}")
-                metrics_file.write(json.dumps({"step": step, "val_loss": val}) + "\n")
+                metrics_file.write(json.dumps({"step": done, "val_loss": val}) + "\n")
         if cfg.eval_interval and cfg.eval_paper_examples and done % cfg.eval_interval == 0 \
                 and master and isinstance(model, QuietStar) and not fsdp:
             scores = paper_metric_during_training(model, tokenizer, cfg)
             print("  " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-            metrics_file.write(json.dumps({"step": step, **scores}) + "\n")
-        if done % cfg.save_interval == 0 or done == cfg.max_steps or stop["signal"]:
-            save_checkpoint(model, optimizer, cfg, done, rank, world_size, fsdp)
+            metrics_file.write(json.dumps({"step": done, **scores}) + "\n")
+        if done % cfg.save_interval == 0 or last_of_run:
+            if not checkpoint.weights_are_finite(model, world_size):
+                stop_non_finite(done, "weights after the update", cfg, master)
+            checkpoint.save_checkpoint(model, optimizer, asdict(cfg), done, rank, world_size, fsdp,
+                                       tokenizer.path)
             if master:
-                print(f"  saved {cfg.out_dir}/ckpt (step {done})")
+                print(f"  saved {cfg.out_dir}/ckpt (step {done})", flush=True)
         if stop["signal"]:
             if master:
                 print(f"stopped by signal {stop['signal']} after step {done}; resume with "
                       f"--init_from=resume --out_dir={cfg.out_dir}")
             break
 
-    if master and cfg.mode == "quietstar" and start_step < cfg.max_steps and not fsdp:
+    if master and cfg.mode == "quietstar" and start_step < cfg.max_steps and not fsdp and not stop["signal"]:
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
     if world_size > 1:
@@ -571,4 +548,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run(main, sys.argv[1:])

@@ -214,3 +214,43 @@ def test_command_line_end_to_end(tiny_checkpoint, tmp_path):
                 "gsm8k/cot/no_thinking", "math/gain_all", "math/ppl_base"):
         assert key in results, key
     assert results["gsm8k/paper/thinking"][2] == 3 and "expected probability" in done.stdout
+    assert results["gsm8k/cot/thinking"][2] == 2                                 # --cot_limit 2
+    for label in ("gsm8k paper thinking: 3/3", "csqa exact no thinking: 3/3", "gsm8k cot thinking: 4/4",
+                  "held-out perplexity: 3/3"):                                    # progress with ETA
+        assert label in done.stderr, done.stderr[-2000:]
+    assert "eta" in done.stderr
+
+
+def test_html_page_shows_a_summary_a_note_and_every_thought_without_hovering(tiny_checkpoint):
+    qs, _ = ev.load_for_eval(settings(tiny_checkpoint))
+    text = "Q: What is 12 * 7?\nA: 84"
+    page = ev.thinking_html(qs, TOK, text, note=ev.model_note(qs, tiny_checkpoint))
+    n = len(TOK.encode(text, bos=True)) - 1
+    assert f"<b>{n}</b> tokens" in page and "mean change from thinking" in page and "helped" in page
+    assert "mixing weight w from" in page and f"Model: {tiny_checkpoint}" in page
+    assert page.count('<td class="th">') == n                  # every thought in the page's text
+
+
+def test_cot_stops_at_its_stop_strings(tiny_checkpoint):
+    qs, _ = ev.load_for_eval(settings(tiny_checkpoint))
+    ids = TOK.encode("Q: 2+3?\nA: Let's think step by step.", bos=True)
+    first = ev.generate_until(qs, TOK, ids, 8, False, 5, 0, stops=(), chunk=8)
+    stop = first.strip()[:3]
+    assert len(stop) == 3
+    chunks, real = [], qs.generate
+    qs.generate = lambda prompts, n, **kw: chunks.append(n) or real(prompts, n, **kw)
+    try:
+        text = ev.generate_until(qs, TOK, ids, 64, False, 5, 0, stops=(stop,), chunk=8)
+    finally:
+        del qs.generate
+    assert chunks == [8] and stop not in text                  # one chunk, not 64 tokens
+
+
+def test_arguments_are_checked_before_any_work(monkeypatch, tmp_path):
+    for argv, message in ((["--json", str(tmp_path / "no" / "r.json")], "--json .*: cannot write there"),
+                          (["--limit", "-5"], "--limit: must be >= 0, got -5"),
+                          (["--tasks", "gsm8k,mmlu"], "unknown task 'mmlu'"),
+                          (["--metrics", "paper,bleu"], "unknown metric 'bleu'")):
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", "--ckpt", "anything"] + argv)
+        with pytest.raises(SystemExit, match=message):
+            ev.parse_args()

@@ -1,6 +1,7 @@
 """train.py end to end on the CPU: learning, token counts, resume, DDP/FSDP2, failures."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_loss_goes_down_and_token_counts(short_docs, tmp_path):
     train([f"--data={short_docs}", "--n_documents=4", "--max_steps=8", "--learning_rate=3e-3",
            "--warmup_steps=1"], tmp_path)
     rows = metrics(tmp_path)
-    assert [r["step"] for r in rows] == list(range(8))
+    assert [r["step"] for r in rows] == list(range(1, 9))       # as the console counts
     assert rows[-1]["nll_base"] < rows[0]["nll_base"] - 0.5     # the same 4 documents every step
     assert rows[-1]["nll_talk"] < rows[0]["nll_talk"] - 0.5
     # every token through the model counts: sampling (text + N steps per thought) and the
@@ -63,7 +64,7 @@ def test_resume_equals_uninterrupted(short_docs, tmp_path):
     train(common + ["--max_steps=2"], tmp_path / "split")
     train(["--init_from=resume", "--max_steps=4"], tmp_path / "split")
     straight, split = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
-    assert [r["step"] for r in split] == [0, 1, 2, 3]
+    assert [r["step"] for r in split] == [1, 2, 3, 4]
     for a, b in zip(straight, split):
         for key in ("loss", "nll_base", "nll_talk", "policy_loss", "grad_norm"):
             assert a[key] == b[key], (a["step"], key)
@@ -89,17 +90,29 @@ def test_default_run_finishes(tmp_path):
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2/2" in done.stdout and "<|startthought|>" in done.stdout
-    assert {"model.safetensors", "config.json", "quietstar.json", "state.json",
-            "optimizer.rank0.pt"} <= set(os.listdir(tmp_path / "ckpt"))
+    assert {"model.safetensors", "config.json", "quietstar.json", "state.json", "optimizer.rank0.pt",
+            "tokenizer.model", "manifest.json"} <= set(os.listdir(tmp_path / "ckpt"))
+    # the first hour goes on: sample from it, thinking, with the thoughts shown
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "ckpt"),
+                           "--prompt", "Problem: 2+3?\\nSolution:", "--max_new_tokens=3", "--show_thoughts",
+                           "--device=cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Problem: 2+3?\nSolution:<|startthought|>" in done.stdout and "3 new tokens" in done.stdout
+    # and a second fresh run into the same out_dir is refused, in one line
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2",
+                            f"--out_dir={tmp_path}", "--device=cpu"], capture_output=True, text=True,
+                           timeout=300, cwd=ROOT)
+    assert again.returncode == 1 and "already holds a checkpoint (step 2)" in again.stderr
 
 
 def test_nan_stops_and_keeps_the_last_checkpoint(short_docs, tmp_path):
     done = train([f"--data={short_docs}", "--max_steps=6", "--save_interval=1", "--warmup_steps=1",
                   "--learning_rate=1e30", "--grad_clip=1e30"], tmp_path, check=False)
     assert done.returncode == 1 and "stopping without saving" in done.stdout
+    bad_step = int(re.search(r"step (\d+): non-finite", done.stdout).group(1))
     state = json.load(open(tmp_path / "ckpt" / "state.json"))
-    bad_step = int(done.stdout.split("step ")[-1].split(":")[0])
-    assert state["step"] == bad_step                  # the step before the bad one
+    assert state["step"] == bad_step - 1              # the step before the bad one
+    assert f"(step {bad_step - 1}), is untouched" in done.stdout
 
 
 def test_sigterm_saves_a_checkpoint(short_docs, tmp_path):
@@ -118,6 +131,30 @@ def test_sigterm_saves_a_checkpoint(short_docs, tmp_path):
     assert 0 < state["step"] < 10000
 
 
+def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_at_once(short_docs, tmp_path):
+    log = tmp_path / "log.txt"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + FAST + \
+        [f"--data={short_docs}", "--max_steps=10000", "--save_interval=100000", "--seq_len=256",
+         "--n_thought_tokens=8", f"--out_dir={tmp_path / 'out'}"]                  # slow steps
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.time() + 120
+        while time.time() < deadline and "step 1/" not in log.read_text():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        while time.time() - t0 < 10 and "press Ctrl-C again" not in log.read_text():
+            time.sleep(0.01)
+        acknowledged = time.time() - t0
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    text = log.read_text()
+    assert acknowledged < 2.0, text                  # at once, not at the end of the step
+    assert re.search(r"SIGINT: finishing step \d+, then saving; press Ctrl-C again to stop without saving", text)
+    assert proc.returncode == 130 and "stopped at once, without saving" in text, text
+    assert "Traceback" not in text
+
+
 def test_settings_are_type_checked(tmp_path):
     assert parse_config(["--max_steps=7", "--learning_rate=1"]).learning_rate == 1.0
     with pytest.raises(SystemExit, match="max_steps='abc': expected int"):
@@ -131,8 +168,9 @@ def test_settings_are_type_checked(tmp_path):
 
 
 def test_missing_data_is_a_clear_error(tmp_path):
-    done = train([f"--data={tmp_path / 'nothing'}", "--max_steps=1"], tmp_path, check=False)
+    done = train([f"--data={tmp_path / 'nothing'}", "--max_steps=1"], tmp_path / "out", check=False)
     assert done.returncode != 0 and "nothing.bin: data file not found" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()   # no empty out_dir left
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -165,8 +203,9 @@ def test_activation_checkpointing_gives_the_same_gradients():
 
 def test_periodic_evaluation(short_docs, tmp_path):
     """Validation loss and the paper's in-training metric every eval_interval steps."""
-    train([f"--data={short_docs}", "--max_steps=2", "--eval_interval=2", "--eval_batches=1",
-           "--eval_paper_examples=2"], tmp_path)
+    done = train([f"--data={short_docs}", "--max_steps=2", "--eval_interval=2", "--eval_batches=1",
+                  "--eval_paper_examples=2", "--thought_interval=2"], tmp_path)
+    assert done.stdout.count("<|startthought|>") == 1      # the final thought, not also a periodic one
     with open(tmp_path / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f]
     assert any("val_loss" in r for r in rows)
