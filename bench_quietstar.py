@@ -4,6 +4,7 @@ Quiet-STaR benchmarks, ours against a dense-mask reference in the same run.
     python bench_quietstar.py step              # sample + loss + backward, L x n_thought_tokens grid
     python bench_quietstar.py generate          # thinking generation vs plain decoding
     python bench_quietstar.py scaling --dim 256 --vocab_size 4096 --lengths 256 2048   # cost per text token
+    python bench_quietstar.py attention --length 256 --dtype bfloat16   # memory kept per layer
     python bench_quietstar.py step --preset mistral-7b --device cuda --dtype bfloat16 --lengths 256
 
 The reference does what the official code does: after the text pass it feeds one token per
@@ -103,7 +104,8 @@ def build(preset, n_thought_tokens, device, dtype, dim=None, vocab_size=32002):
     widths = dict(dim=dim, hidden_dim=3 * dim, head_dim=dim // ModelArgs.from_name(preset).n_heads) if dim else {}
     with torch.device(device):
         model = Transformer(ModelArgs.from_name(preset, vocab_size=vocab_size, **widths))
-        qs = QuietStar(model, QuietStarConfig(n_thought_tokens=n_thought_tokens))
+        qs = QuietStar(model, QuietStarConfig(n_thought_tokens=n_thought_tokens,
+                                             delimiter_init_id=min(11940, vocab_size - 3)))
     qs.init_thought_parameters()
     with torch.no_grad():
         qs.mixing_head[4].weight.normal_(std=0.02)   # as after some training: thoughts matter
@@ -125,6 +127,7 @@ def run_step(a):
     """One configuration, in this process: prints a JSON line."""
     device, dtype = a.device, getattr(torch, a.dtype)
     qs = build(a.preset, a.n_thought_tokens, device, dtype, a.dim, a.vocab_size)
+    qs.attention_impl = a.attention
     tokens = torch.randint(3, a.vocab_size - 2, (a.batch_size, a.length), device=device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
@@ -174,7 +177,7 @@ def bench_step(a):
 
 def bench_scaling(a):
     """Ours alone at growing L: time and peak memory per text token, against the first L."""
-    print(f"sample_thoughts + loss + backward, ours, preset {a.preset}, dim {a.dim or 'preset'}, "
+    print(f"sample_thoughts + loss + backward, ours ({a.attention or 'default'} attention), preset {a.preset}, dim {a.dim or 'preset'}, "
           f"vocabulary {a.vocab_size}, {a.dtype}, batch {a.batch_size}, N {a.n_thought_tokens}, "
           f"2 thoughts, 4 talk steps; {os.cpu_count()} CPU cores; torch {torch.__version__}")
     print(f"{'L':>5s} {'s/step':>8s} {'ms/text token':>14s} {'x first':>8s} {'peak MB':>8s} {'MB/text token':>14s}")
@@ -183,7 +186,7 @@ def bench_scaling(a):
         cmd = [sys.executable, __file__, "one", "--impl=ours", f"--length={L}", f"--preset={a.preset}",
                f"--n_thought_tokens={a.n_thought_tokens}", f"--device={a.device}", f"--dtype={a.dtype}",
                f"--batch_size={a.batch_size}", f"--repeat={a.repeat}", f"--vocab_size={a.vocab_size}"] + \
-            ([f"--dim={a.dim}"] if a.dim else [])
+            ([f"--dim={a.dim}"] if a.dim else []) + ([f"--attention={a.attention}"] if a.attention else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"  L={L} failed: {done.stderr.strip().splitlines()[-1]}")
@@ -193,6 +196,51 @@ def bench_scaling(a):
         first = first or per_token
         print(f"{L:5d} {r['seconds']:8.2f} {per_token * 1e3:14.2f} {per_token / first:7.2f}x "
               f"{r['peak_bytes'] / 2**20:8.0f} {r['peak_bytes'] / 2**20 / (a.batch_size * L):14.2f}", flush=True)
+
+
+def resident_bytes():
+    """This process's resident memory now (Linux), to see what a forward keeps for backward."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_attention(a):
+    """One layer's thought attention at Mistral-7B's heads (32 query, 8 k/v, head 128), in
+    this process: memory kept from forward to backward (resident growth while the graph is
+    alive, q/k/v excluded) and time of forward + backward. Prints a JSON line."""
+    qs = QuietStar(Transformer(ModelArgs(n_layers=1, dim=256, hidden_dim=256, vocab_size=32)),
+                   QuietStarConfig(n_thought_tokens=a.n_thought_tokens))
+    qs.attention_impl = a.impl
+    L, P, M, H, Hkv, D = a.length, 2, qs.config.branch_len, 32, 8, 128
+    S, dtype = L + P * L * M, getattr(torch, a.dtype)
+    q = torch.randn(1, H, S, D, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(1, Hkv, S, D, dtype=dtype, requires_grad=True) for _ in range(2))
+    attend = qs._joint_attention(torch.ones(1, L, dtype=torch.bool), P * L, M)
+    before = resident_bytes()
+    t0 = time.perf_counter()
+    out = attend(q, k, v)
+    kept = resident_bytes() - before - out.numel() * out.element_size()
+    out.backward(torch.ones_like(out))
+    seconds = time.perf_counter() - t0
+    print(json.dumps(dict(impl=a.impl, L=L, kept_bytes=kept, seconds=seconds)))
+
+
+def bench_attention(a):
+    print(f"one layer's thought attention, Mistral-7B heads (32/8, head 128), {a.dtype}, L={a.length}, "
+          f"N={a.n_thought_tokens}, 2 thoughts, 4 talk steps; forward + backward; "
+          f"{os.cpu_count()} CPU cores; torch {torch.__version__}")
+    rows = {}
+    for impl in ("reference", "chunked"):
+        cmd = [sys.executable, __file__, "one_attention", f"--impl={impl}", f"--length={a.length}",
+               f"--n_thought_tokens={a.n_thought_tokens}", f"--dtype={a.dtype}"]
+        # big blocks straight from and back to the OS, so that resident memory shows what is kept
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        rows[impl] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(f"  {impl:9s} kept for backward {rows[impl]['kept_bytes'] / 2**20:8.0f} MiB, "
+              f"forward + backward {rows[impl]['seconds']:.2f} s", flush=True)
+    ratio = rows["reference"]["kept_bytes"] / max(rows["chunked"]["kept_bytes"], 1)
+    print(f"  chunked keeps 1/{ratio:.0f} of the reference's memory")
 
 
 @torch.no_grad()
@@ -214,7 +262,7 @@ def bench_generate(a):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["step", "scaling", "generate", "one"])
+    p.add_argument("what", choices=["step", "scaling", "attention", "generate", "one", "one_attention"])
     p.add_argument("--impl", default="ours")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--device", default="cpu")
@@ -224,9 +272,11 @@ if __name__ == "__main__":
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--n_thought_tokens", type=int, default=9)
     p.add_argument("--dim", type=int, default=None)            # override the preset's width
+    p.add_argument("--attention", default=None)                # ours: reference, chunked, flex
     p.add_argument("--vocab_size", type=int, default=32002)
     p.add_argument("--new_tokens", type=int, default=32)
     p.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 256, 512])
     p.add_argument("--thought_lengths", type=int, nargs="+", default=[4, 9, 16])
     a = p.parse_args()
-    {"step": bench_step, "scaling": bench_scaling, "generate": bench_generate, "one": run_step}[a.what](a)
+    {"step": bench_step, "scaling": bench_scaling, "attention": bench_attention, "generate": bench_generate,
+     "one": run_step, "one_attention": run_attention}[a.what](a)
