@@ -11,7 +11,10 @@ or --init_from=DIR say otherwise; compute in bfloat16 unless --dtype says otherw
     --gpu_memory GiB    memory of one GPU, for the fits / does not fit verdict (default 80)
     --peak_tflops T     dense bf16 peak of one GPU (default 989, an H100 SXM)
     --mfu F             model FLOPs utilisation assumed for the step time (default 0.4)
+    --quick             run 2 and 4 blocks and extend linearly to all (~5x faster at 7B)
     --n_layers K        build only K transformer blocks (a quick check of the method)
+    --table             docs/gpu.md's table for this config: 1/2/4/8 GPUs, fp32 or bf16
+                        weights, checkpointing off/on (all with --quick; ~10 minutes at 7B)
 
 How: it runs ONE real training step of that config, with train.py's own pieces (the model,
 activation checkpointing and FSDP2 sharding of train.py, sample_thoughts, the forward,
@@ -35,7 +38,9 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from unittest.mock import patch
 
 import torch
@@ -49,8 +54,9 @@ from model import ModelArgs, Transformer, read_config
 from quietstar import QuietStar
 
 OPTIONS = {"gpus": int, "gpu_memory": float, "peak_tflops": float, "mfu": float, "n_layers": int}
-DEFAULTS = {"gpus": 1, "gpu_memory": 80.0, "peak_tflops": 989.0, "mfu": 0.4, "n_layers": 0}
+DEFAULTS = {"gpus": 1, "gpu_memory": 80.0, "peak_tflops": 989.0, "mfu": 0.4, "n_layers": 0, "quick": False}
 GiB = 2 ** 30
+MARGIN = 3.0   # GiB a GPU needs beyond the tensors: CUDA context, NCCL, allocator slack
 
 
 # -----------------------------------------------------------------------------
@@ -100,7 +106,9 @@ def parse_args(argv):
     options, rest, i = dict(DEFAULTS), [], 0
     while i < len(argv):
         name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else None
-        if name in OPTIONS:
+        if argv[i] in ("--quick", "--quick=True"):
+            options["quick"] = True
+        elif name in OPTIONS:
             if "=" in argv[i]:
                 text = argv[i].split("=", 1)[1]
             elif i + 1 < len(argv):
@@ -304,25 +312,56 @@ def fake_step(cfg, args, gpus):
 
 # -----------------------------------------------------------------------------
 
-def estimate(cfg, gpus=1, n_layers=0):
+def estimate(cfg, gpus=1, n_layers=0, quick=False):
     """-> dict of figures for one optimizer step of cfg on `gpus` GPUs (see fake_step), plus
-    the analytic model FLOPs of the step (all GPUs) and the text tokens it trains on."""
+    the analytic model FLOPs of the step (all GPUs) and the text tokens it trains on.
+    quick: run 2 and 4 blocks and extend every figure linearly to all of them (each block
+    adds the same weights, state and saved activations; see docs/gpu.md for how close)."""
     args = model_args_of(cfg, n_layers)
-    result = fake_step(cfg, args, gpus)
+    if quick and args.n_layers > 4:
+        two, four = (fake_step(cfg, replace(args, n_layers=k), gpus) for k in (2, 4))
+        result = {k: v if k in ("n_micro", "processed") else v + (v - two[k]) * (args.n_layers - 4) / 2
+                  for k, v in four.items()}
+    else:
+        result = fake_step(cfg, args, gpus)
     qs_config = train.quietstar_config(cfg)
     result["model_flops"] = step_flops(args, qs_config, cfg.docs_per_step, cfg.seq_len, cfg.mode)
     result["text_tokens"] = cfg.docs_per_step * cfg.seq_len
     return result
 
 
+def table(argv):
+    """docs/gpu.md's table: the given config on 1, 2, 4, 8 GPUs, fp32 master weights or pure
+    bf16, activation checkpointing off or on (each estimated with --quick), as Markdown."""
+    cfg, opt = parse_args(argv)
+    print("| GPUs | weights | checkpointing | micro-batches per GPU | parameters | gradients | "
+          "AdamW | activations | **peak per GPU** | fits 80 GB | fits 141 GB | step at MFU "
+          f"{opt['mfu']:g} |\n|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---:|", flush=True)
+    for gpus in (1, 2, 4, 8):
+        for pure in (False, True):
+            for checkpointing in (False, True):
+                c = replace(cfg, pure_bf16=pure, activation_checkpointing=checkpointing)
+                r = estimate(c, gpus, opt["n_layers"], quick=True)
+                gib = [f"{r[k] / GiB:.1f}" for k in ("parameters", "gradients", "optimizer", "activations")]
+                peak = r["total"] / GiB
+                seconds = r["model_flops"] / (gpus * opt["peak_tflops"] * 1e12 * opt["mfu"])
+                print(f"| {gpus} | {'bf16' if pure else 'fp32'} | {'on' if checkpointing else 'off'} | "
+                      f"{r['n_micro']} | {' | '.join(gib)} | **{peak:.1f}** | "
+                      f"{'yes' if peak + MARGIN <= 80 else 'no'} | {'yes' if peak + MARGIN <= 141 else 'no'} | "
+                      f"{seconds:.1f} s |", flush=True)
+
+
 def main(argv):
     if "--help" in argv or "-h" in argv:
         print(__doc__)
         return
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module")   # about in-place ops on outputs
+    if "--table" in argv:
+        return table([a for a in argv if a != "--table"])
     cfg, opt = parse_args(argv)
     gpus = opt["gpus"]
     t0 = time.time()
-    r = estimate(cfg, gpus, opt["n_layers"])
+    r = estimate(cfg, gpus, opt["n_layers"], opt["quick"])
     fsdp = cfg.fsdp and gpus > 1
     how = "FSDP2" if fsdp else "DDP (shown: one process's tensors)" if gpus > 1 else "one GPU"
     precision = "pure bf16" if cfg.pure_bf16 else f"fp32 weights + {cfg.dtype} compute"
@@ -335,8 +374,8 @@ def main(argv):
     peak = r["total"] / GiB
     print(f"peak memory per GPU: {peak:.2f} GiB")
     headroom = opt["gpu_memory"] - peak
-    print(f"{'fits' if headroom >= 0 else 'does not fit'}: {opt['gpu_memory']:g} GiB GPU, "
-          f"{headroom:+.2f} GiB left before allocator, CUDA context and NCCL buffers (allow 2-4 GiB)")
+    print(f"{'fits' if headroom >= MARGIN else 'does not fit'}: {headroom:+.2f} GiB left of "
+          f"{opt['gpu_memory']:g} GiB, against {MARGIN:g} GiB kept for what is not modelled")
     counted = r["flops"] * gpus
     tokens = r["processed"] * gpus
     print(f"FLOPs per step: {r['model_flops'] / 1e12:,.1f} TFLOP model (analytic), "
