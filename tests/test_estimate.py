@@ -60,7 +60,7 @@ print(json.dumps({"real": real, "estimated": r["total"] - r["held"]}))
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
 def test_peak_memory_matches_a_real_cpu_step():
-    settings = [PAPER, "--preset=tiny", "--dtype=float32", "--seq_len=64", "--docs_per_step=2",
+    settings = [PAPER, "--preset=tiny", "--dtype=float32", "--seq_len=48", "--docs_per_step=2",
                 "--activation_checkpointing=False"]
     done = subprocess.run([sys.executable, "-c", REAL_STEP] + settings, capture_output=True, text=True,
                           cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1",
@@ -76,7 +76,7 @@ def test_step_flops_matches_flop_counter(mode):
     """The analytic count against FlopCounterMode on one real step of a small model: sampling
     at forward cost only, training at 3x, attention by visible pairs."""
     cfg, _ = estimate.parse_args([PAPER, "--preset=tiny", f"--mode={mode}", "--seq_len=32",
-                                  "--docs_per_step=2", "--activation_checkpointing=False"])
+                                  "--docs_per_step=1", "--activation_checkpointing=False"])
     r = estimate.estimate(cfg, 1)
     assert r["model_flops"] == pytest.approx(r["flops"], rel=0.03)
     if mode == "quietstar":   # counting the sampling at 3x, or leaving it out, misses by far more
