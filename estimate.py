@@ -7,7 +7,8 @@ Will it fit? Peak GPU memory, FLOPs and step time of one training step, before r
 
 It takes train.py's config files and --name=value settings (Mistral-7B shapes unless --preset
 or --init_from=DIR say otherwise; compute in bfloat16 unless --dtype says otherwise), plus:
-    --gpus N            processes (one GPU each); FSDP2 when N > 1 (DDP with --fsdp=False)
+    --gpus N            processes (one GPU each); FSDP2 when N > 1 (with --fsdp=False, DDP:
+                        one process's tensors plus its gradient buckets)
     --gpu_memory GiB    memory of one GPU, for the fits / does not fit verdict (default 80)
     --peak_tflops T     dense bf16 peak of one GPU (default 989, an H100 SXM)
     --mfu F             model FLOPs utilisation assumed for the step time (default 0.4)
@@ -34,7 +35,6 @@ memory-lean "chunked" path, standing in for flex attention on CUDA (which, like 
 its output and log-sum-exp for backward).
 """
 
-import math
 import os
 import sys
 import time
@@ -363,7 +363,7 @@ def main(argv):
     t0 = time.time()
     r = estimate(cfg, gpus, opt["n_layers"], opt["quick"])
     fsdp = cfg.fsdp and gpus > 1
-    how = "FSDP2" if fsdp else "DDP (shown: one process's tensors)" if gpus > 1 else "one GPU"
+    how = "FSDP2" if fsdp else "DDP" if gpus > 1 else "one GPU"
     precision = "pure bf16" if cfg.pure_bf16 else f"fp32 weights + {cfg.dtype} compute"
     print(f"{cfg.mode} step: {gpus} x {opt['gpu_memory']:g} GiB, {how}, {precision}, activation "
           f"checkpointing {'on' if cfg.activation_checkpointing else 'off'}, {cfg.docs_per_step} docs "
