@@ -5,6 +5,7 @@ thinking helps.
     python evaluate.py --ckpt out/ckpt --tasks gsm8k,csqa            # every metric, a table
     python evaluate.py --ckpt DIR --tasks gsm8k --metrics paper --limit 200 --json out.json
     python evaluate.py --ckpt DIR --html thinking.html --text "Q: What is 12 * 7?\nA: 84"
+    python evaluate.py --ckpt out/ckpt --tasks arith --json r.json   # the classroom run's checkpoint
 
 Metrics, each with and without thoughts on the same examples and seeds:
   paper   the paper's number, computed exactly as the official code does: the teacher-forced
@@ -18,6 +19,8 @@ Metrics, each with and without thoughts on the same examples and seeds:
   ppl     perplexity of held-out math text, and the per-token gain from thinking split by how
           hard the token was for the model without thinking.
 Every number comes with n and a standard error.
+The arith task (held-out data/arith/test.jsonl, for checkpoints with the compact arithmetic
+vocabulary) reports exact accuracy and answer NLL, see data/arith/report.py.
 
 Checkpoints: a plain Mistral (either layout; only "without thinking" is meaningful),
 a checkpoint of train.py, or the authors' released layout (ezelikman/quietstar-8-ahead: pass
@@ -41,7 +44,7 @@ import torch
 
 from dataloader import Documents
 from quietstar import QuietStar, RELEASED_NAMES
-from tokenizer import Tokenizer
+from tokenizer import CharTokenizer, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANSWER_MARKER = [13, 28741, 28747]      # "\nA:" in Mistral's tokenizer
@@ -399,7 +402,7 @@ def shuffled(examples, seed, limit):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--tasks", default="gsm8k,csqa")
+    p.add_argument("--tasks", default="", help="default: arith for a compact-vocabulary checkpoint, else gsm8k,csqa")
     p.add_argument("--metrics", default="paper,exact,cot,ppl")
     p.add_argument("--think", default="auto", choices=["auto", "both", "yes", "no"])
     p.add_argument("--limit", type=int, default=0, help="first N examples of the seed-42 order (0: all)")
@@ -419,11 +422,15 @@ def main():
     p.add_argument("--download", action="store_true", help="fetch GSM8K test and CSQA dev into --data_dir")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--html", default="", help="write a page showing where thinking helps on --text")
-    p.add_argument("--text", default="Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38")
+    p.add_argument("--text", default="", help="default: a GSM8K-style problem, or an arith one")
     args = p.parse_args()
     if args.download:
         download(args.data_dir)
-    tok = Tokenizer(os.path.join(HERE, "assets", "tokenizer.model"))
+    tok = load_tokenizer(args.ckpt)
+    compact = isinstance(tok, CharTokenizer)
+    args.tasks = args.tasks or ("arith" if compact else "gsm8k,csqa")
+    args.text = args.text or ("3+4*2-5=9" if compact else
+                              "Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38")
     qs, think_modes = load_for_eval(args)
     if args.html:
         with open(args.html, "w", encoding="utf-8") as f:
@@ -433,6 +440,16 @@ def main():
 
     results, metrics = {}, args.metrics.split(",")
     for task in [t for t in args.tasks.split(",") if t]:
+        if task == "arith":
+            from data.arith.report import load_test, thinking_summary
+            if not compact:
+                raise SystemExit(f"{args.ckpt}: the arith task needs a checkpoint with the arithmetic vocabulary (vocab.json)")
+            if think_modes != [False, True]:
+                raise SystemExit("the arith task compares thinking with not thinking: use --think=auto or both")
+            results.update(thinking_summary(qs, tok, load_test(limit=args.limit), args.seed))
+            continue
+        if compact:
+            raise SystemExit(f"{args.ckpt}: task {task} needs Mistral's tokenizer; this checkpoint has a compact vocabulary")
         if task not in DATA_FILES:
             raise SystemExit(f"unknown task {task!r}; tasks: {', '.join(DATA_FILES)}")
         examples = shuffled(load_examples(task, args.data_dir), args.seed, args.limit)
@@ -452,7 +469,7 @@ def main():
                 results[f"{task}/{metric}/{'thinking' if think else 'no_thinking'}"] = value
                 print(f"  {task} {metric} {'thinking' if think else 'no thinking'}: "
                       f"{value[0]:.4f} ± {value[1]:.4f} (n={value[2]}, {time.time() - t0:.1f}s)", flush=True)
-    if "ppl" in metrics and True in think_modes:
+    if "ppl" in metrics and True in think_modes and not compact:
         for name, value in held_out_perplexity(qs, args).items():
             results[f"math/{name}"] = value
 

@@ -7,7 +7,8 @@ Sample a continuation from a Mistral checkpoint and print it with its speed.
 
 The checkpoint directory may be in Hugging Face layout (config.json + *.safetensors) or
 Mistral's (params.json + consolidated.safetensors). The tokenizer is the directory's
-tokenizer.model when it has one, else the Mistral-7B-v0.1 tokenizer in assets/.
+vocab.json (a compact vocabulary) or tokenizer.model when it has one, else the
+Mistral-7B-v0.1 tokenizer in assets/.
 """
 
 import argparse
@@ -16,16 +17,12 @@ import time
 
 import torch
 
+from evaluate import has_quietstar_parts
 from model import Transformer
-from tokenizer import Tokenizer
+from quietstar import QuietStar
+from tokenizer import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def load_tokenizer(ckpt):
-    """The checkpoint's own tokenizer.model if present, else the vendored one."""
-    own = os.path.join(ckpt, "tokenizer.model")
-    return Tokenizer(own if os.path.isfile(own) else os.path.join(HERE, "assets", "tokenizer.model"))
 
 
 def main():
@@ -44,7 +41,11 @@ def main():
 
     tokenizer = load_tokenizer(args.ckpt)
     t0 = time.perf_counter()
-    model = Transformer.from_pretrained(args.ckpt, device=args.device, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    if has_quietstar_parts(args.ckpt):     # a Quiet-STaR checkpoint: sample from its language model
+        model = QuietStar.from_pretrained(args.ckpt, device=args.device, dtype=dtype).model.eval()
+    else:
+        model = Transformer.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
     print(f"loaded {model.num_params() / 1e9:.2f}B parameters in {time.perf_counter() - t0:.1f}s")
     if model.args.vocab_size < tokenizer.n_words:
         raise SystemExit(f"vocabulary mismatch: {tokenizer.path} has {tokenizer.n_words} "

@@ -40,9 +40,10 @@ import torch.nn.functional as F
 from dataloader import Batches, Documents
 from model import PEAK_BF16_FLOPS, ModelArgs, Transformer, read_config
 from quietstar import QuietStar, QuietStarConfig, quietstar_loss
-from tokenizer import Tokenizer
+from tokenizer import load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = "config/arith.py"   # what `python train.py` runs: thinking that helps, on a CPU
 
 
 @dataclass
@@ -69,6 +70,7 @@ class TrainConfig:
     base_loss_weight: float = 0.5
     positive_advantage_only: bool = True
     embedding_scale: float = 100.0
+    delimiter_init_id: int = 11940   # token whose embedding starts <start> and <end> ('▁---')
     # optimisation: AdamW on every parameter (weight decay too, as the official run)
     learning_rate: float = 1e-3      # the paper: 1e-6 (on a pretrained model)
     weight_decay: float = 1e-3
@@ -90,6 +92,7 @@ class TrainConfig:
     eval_batches: int = 4
     eval_paper_examples: int = 0     # with eval_interval: the paper's GSM8K/CSQA metric on N examples
     save_interval: int = 50
+    final_eval: str = ""             # "arith": held-out accuracy with vs without thinking at the end
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
 
@@ -160,10 +163,11 @@ def quietstar_config(cfg):
                            reinforce_temperature=cfg.reinforce_temperature,
                            base_loss_weight=cfg.base_loss_weight,
                            positive_advantage_only=cfg.positive_advantage_only,
-                           embedding_scale=cfg.embedding_scale)
+                           embedding_scale=cfg.embedding_scale,
+                           delimiter_init_id=cfg.delimiter_init_id)
 
 
-def load_model(cfg, source, rank, device, fsdp):
+def load_model(cfg, source, rank, device, fsdp, tokenizer):
     """
     The model to train (QuietStar, or a plain Transformer for mode=lm), in float32 (or
     bfloat16 with pure_bf16). With FSDP only rank 0 reads the checkpoint: the others build an
@@ -174,7 +178,8 @@ def load_model(cfg, source, rank, device, fsdp):
     where = "cpu" if fsdp else device
     if source == "scratch":
         torch.manual_seed(cfg.seed)                       # same initial weights on every process
-        args = ModelArgs.from_name(cfg.preset, vocab_size=32002 if cfg.mode == "quietstar" else 32000)
+        n_words = tokenizer.n_words                       # + the two delimiters for Quiet-STaR
+        args = ModelArgs.from_name(cfg.preset, vocab_size=n_words + 2 if cfg.mode == "quietstar" else n_words)
         with torch.device(where if load_here else "meta"):
             model = Transformer(args)
             if cfg.mode == "quietstar":
@@ -191,7 +196,7 @@ def load_model(cfg, source, rank, device, fsdp):
         torch.manual_seed(cfg.seed)                       # the two new vocabulary rows
         return QuietStar.from_pretrained(source, quietstar_config(cfg), device=where, dtype=dtype)
     args = read_config(source)[0]
-    if args.vocab_size == 32000:                          # a plain Mistral: the delimiters are added
+    if args.vocab_size == tokenizer.n_words:              # a plain model: the delimiters are added
         args.vocab_size += 2
     with torch.device("meta"):
         return QuietStar(Transformer(args), quietstar_config(cfg))
@@ -328,7 +333,7 @@ def load_optimizer_state(optimizer, state):
     optimizer.load_state_dict(state)
 
 
-def save_checkpoint(model, optimizer, cfg, step, rank, world_size, fsdp):
+def save_checkpoint(model, optimizer, cfg, step, rank, world_size, fsdp, tokenizer=None):
     """out_dir/ckpt, replaced as a whole: written to a temporary directory, then renamed."""
     final, tmp = os.path.join(cfg.out_dir, "ckpt"), os.path.join(cfg.out_dir, "ckpt.tmp")
     state_dict = full_state_dict(model, fsdp)
@@ -341,6 +346,8 @@ def save_checkpoint(model, optimizer, cfg, step, rank, world_size, fsdp):
             model.save_pretrained(tmp)
         with open(os.path.join(tmp, "state.json"), "w") as f:
             json.dump({"config": asdict(cfg), "step": step, "world_size": world_size}, f, indent=2)
+        if hasattr(tokenizer, "save"):                  # a compact vocabulary travels with the weights
+            tokenizer.save(tmp)
     if world_size > 1:
         dist.barrier()
     torch.save(optimizer_state(optimizer), os.path.join(tmp, f"optimizer.rank{rank}.pt"))
@@ -380,7 +387,7 @@ def stop_non_finite(step, what, cfg, master):
 def show_thought(model, tokenizer, tokens, valid, cfg, step):
     """Print the text around one position with the thought sampled there."""
     thoughts = sample_thoughts(model, tokens[:1], valid[:1], [0], cfg, step)
-    i = int(valid[0].sum()) // 2
+    i = max(0, int(valid[0].sum()) - 2 - cfg.n_talk)     # the last position with all its talk targets
     before = tokenizer.decode(tokens[0, max(0, i - 24):i + 1].tolist())
     after = tokenizer.decode(tokens[0, i + 1:i + 1 + cfg.n_talk].tolist())
     thought = tokenizer.decode(thoughts[0, 0, i].tolist())
@@ -412,6 +419,7 @@ def paper_metric_during_training(model, tokenizer, cfg):
 
 
 def main(argv):
+    argv = argv or [os.path.join(HERE, DEFAULT_CONFIG)]   # no arguments: the classroom run
     cfg = parse_config(argv)
     start_step = 0
     if cfg.init_from == "resume":
@@ -425,7 +433,9 @@ def main(argv):
     # data
     if master:
         from data.math.prepare import ensure_prepared
+        from data.arith.prepare import ensure_prepared as ensure_arith_prepared
         ensure_prepared(cfg.data, cfg.val_data if cfg.eval_interval else "")
+        ensure_arith_prepared(cfg.data, cfg.val_data if cfg.eval_interval else "")
     if world_size > 1:
         dist.barrier()
     data_path = cfg.data if os.path.isabs(cfg.data) else os.path.join(HERE, cfg.data)
@@ -439,7 +449,10 @@ def main(argv):
 
     # model and optimizer
     source = os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from
-    model = load_model(cfg, source, rank, device, fsdp)
+    source = source if source == "scratch" or os.path.isabs(source) or os.path.isdir(source) else \
+        os.path.join(HERE, source)
+    tokenizer = load_tokenizer(os.path.dirname(data_path) if source == "scratch" else source)
+    model = load_model(cfg, source, rank, device, fsdp, tokenizer)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
     if fsdp:
@@ -456,7 +469,6 @@ def main(argv):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
         if device.startswith("cuda") and cfg.dtype == "bfloat16" and not cfg.pure_bf16 and not fsdp \
         else nullcontext()
-    tokenizer = Tokenizer(os.path.join(HERE, "assets", "tokenizer.model"))
     val_batches = None
     if cfg.eval_interval and cfg.val_data:
         val_path = cfg.val_data if os.path.isabs(cfg.val_data) else os.path.join(HERE, cfg.val_data)
@@ -554,7 +566,7 @@ def main(argv):
             print("  " + " ".join(f"{k} {v:.4f}" for k, v in scores.items()))
             metrics_file.write(json.dumps({"step": step, **scores}) + "\n")
         if done % cfg.save_interval == 0 or done == cfg.max_steps or stop["signal"]:
-            save_checkpoint(model, optimizer, cfg, done, rank, world_size, fsdp)
+            save_checkpoint(model, optimizer, cfg, done, rank, world_size, fsdp, tokenizer)
             if master:
                 print(f"  saved {cfg.out_dir}/ckpt (step {done})")
         if stop["signal"]:
@@ -566,6 +578,9 @@ def main(argv):
     if master and cfg.mode == "quietstar" and start_step < cfg.max_steps and not fsdp:
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
+    if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp:
+        from data.arith.report import load_test, thinking_summary
+        thinking_summary(model, tokenizer, load_test(), cfg.seed)
     if world_size > 1:
         dist.destroy_process_group()
 
