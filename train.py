@@ -387,7 +387,7 @@ def stop_non_finite(step, what, cfg, master):
 def show_thought(model, tokenizer, tokens, valid, cfg, step):
     """Print the text around one position with the thought sampled there."""
     thoughts = sample_thoughts(model, tokens[:1], valid[:1], [0], cfg, step)
-    i = max(0, int(valid[0].sum()) - 2 - cfg.n_talk)     # the last position with all its talk targets
+    i = max(0, int(valid[0].sum()) - 1 - cfg.n_talk)     # the last position with all its talk targets
     before = tokenizer.decode(tokens[0, max(0, i - 24):i + 1].tolist())
     after = tokenizer.decode(tokens[0, i + 1:i + 1 + cfg.n_talk].tolist())
     thought = tokenizer.decode(thoughts[0, 0, i].tolist())

@@ -13,6 +13,7 @@ n_thought_tokens = 5            # room for the three steps "7,4,9" (the paper: 9
 n_talk = 1                      # the answer is one symbol (the paper: 4 true tokens after a thought)
 n_thoughts = 2                  # as the paper
 policy_weight = 1.0             # rewards are in nats of a 19-symbol vocabulary (the paper: 1e6)
+embedding_scale = 1.0           # delimiters learn at the common lr (the paper: 100x, at lr 1e-6)
 delimiter_init_id = 17          # '|', which opens and closes written steps here (the paper: '---')
 learning_rate = 1e-3            # a tiny model learns fast (the paper: 1e-6 on Mistral-7B)
 weight_decay = 1e-3
