@@ -479,8 +479,9 @@ def main():
             print(f"{name:44s} {value[0]:9.4f} {value[1]:8.4f} {value[2]:7d}")
         else:
             print(f"{name:44s} {value:9.4f}")
-    print("paper = expected probability of the exact gold answer (the paper's metric), "
-          "not exact-match accuracy; exact and cot are accuracies.")
+    if not compact:
+        print("paper = expected probability of the exact gold answer (the paper's metric), "
+              "not exact-match accuracy; exact and cot are accuracies.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.ckpt, "results": results}, f, indent=2)

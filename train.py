@@ -1,7 +1,8 @@
 """
 Quiet-STaR training, in one readable loop, from one CPU to many GPUs.
 
-    python train.py                          # tiny model, small math corpus, CPU is enough (minutes)
+    python train.py                          # = config/arith.py: a tiny model learns to think (CPU, minutes)
+    python train.py --init_from=scratch      # any argument: TrainConfig's defaults (tiny model, math corpus)
     python train.py --max_steps=20 --device=cpu
     python train.py config/quietstar_mistral7b.py --init_from=/path/to/Mistral-7B-v0.1
     torchrun --standalone --nproc_per_node=8 train.py config/quietstar_mistral7b.py \

@@ -126,7 +126,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True)
     p.add_argument("--limit", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=42, help="as train.py and evaluate.py")
     p.add_argument("--random_thoughts", action="store_true")
     args = p.parse_args()
     qs = QuietStar.from_pretrained(args.ckpt).eval()
