@@ -90,7 +90,8 @@ def test_pipeline_end_to_end(tmp_path):
     assert out.count("<|startthought|>") >= 5                  # during training + 3 at the answers
     run(["evaluate.py", "--ckpt", str(ckpt), "--limit", "40", "--json", f"{tmp_path}/r.json"])
     results = json.load(open(tmp_path / "r.json"))["results"]
-    assert set(results) == {f"arith/{m}/{t}" for m in ("exact", "nll") for t in ("thinking", "no_thinking")}
+    assert set(results) == {f"arith/{m}/{t}" for m in ("exact", "nll") for t in ("thinking", "no_thinking")} | \
+        {"arith/thought_is_steps/thinking"}
     assert all(v[2] == 40 for v in results.values())
     run(["evaluate.py", "--ckpt", str(ckpt), "--html", f"{tmp_path}/t.html"])
     assert "startthought" in open(tmp_path / "t.html").read()

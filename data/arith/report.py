@@ -29,6 +29,8 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))   # the repository root
 
+from data.arith.prepare import solve  # noqa: E402
+
 TEST_FILE = os.path.join(HERE, "test.jsonl")
 
 
@@ -111,6 +113,10 @@ def thinking_summary(qs, tok, examples, seed=0, n_shown=3, random_thoughts=False
              f"{thinking['nll'][0]:.3f} ± {thinking['nll'][1]:.3f}")
     print_fn(f"  exact accuracy  {plain['exact'][0]:.1%} ± {plain['exact'][1]:.1%} -> "
              f"{thinking['exact'][0]:.1%} ± {thinking['exact'][1]:.1%}")
+    steps = [",".join(map(str, solve(ex["question"])[0])) for ex in examples]
+    spelled = [float(tok.decode(t) == s) for t, s in zip(thinking["thoughts"].tolist(), steps)]
+    results["arith/thought_is_steps/thinking"] = mean_and_stderr(spelled)
+    print_fn(f"  thoughts at the answer that spell the correct steps  {np.mean(spelled):.1%}")
     print_fn("thoughts at the answer:")
     for ex, thought in list(zip(examples, thinking["thoughts"].tolist()))[:n_shown]:
         print_fn(f"  {ex['question']}<|startthought|>{tok.decode(thought)}<|endthought|>{ex['answer']}")
