@@ -263,7 +263,8 @@ def save_checkpoint(model, optimizer, settings, step, rank, world_size, fsdp, to
                 model.save_pretrained(tmp)
             with open(os.path.join(tmp, "state.json"), "w") as f:
                 json.dump({"config": settings, "step": step, "world_size": world_size}, f, indent=2)
-            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.model"))
+            shutil.copyfile(tokenizer_file, os.path.join(        # a compact vocabulary, or Mistral's
+                tmp, "vocab.json" if tokenizer_file.endswith(".json") else "tokenizer.model"))
     except Exception as e:            # OSError, torch's RuntimeError, SafetensorError
         error = e
     error = agree(error, world_size)

@@ -5,6 +5,7 @@ thinking helps.
     python evaluate.py --ckpt out/ckpt --tasks gsm8k,csqa            # every metric, a table
     python evaluate.py --ckpt DIR --tasks gsm8k --metrics paper --limit 200 --json out.json
     python evaluate.py --ckpt DIR --html thinking.html --text "Q: What is 12 * 7?\nA: 84"
+    python evaluate.py --ckpt out/ckpt --tasks arith --json r.json   # the classroom run's checkpoint
 
 Metrics, each with and without thoughts on the same examples and seeds:
   paper   the paper's number, computed exactly as the official code does: the teacher-forced
@@ -18,6 +19,8 @@ Metrics, each with and without thoughts on the same examples and seeds:
   ppl     perplexity of held-out math text, and the per-token gain from thinking split by how
           hard the token was for the model without thinking.
 Every number comes with n and a standard error.
+The arith task (held-out data/arith/test.jsonl, for checkpoints with the compact arithmetic
+vocabulary) reports exact accuracy and answer NLL, see data/arith/report.py.
 
 Checkpoints: a plain Mistral (either layout; only "without thinking" is meaningful),
 a checkpoint of train.py, or the authors' released layout (ezelikman/quietstar-8-ahead: pass
@@ -46,7 +49,7 @@ from model import read_json, tensor_names
 from quietstar import QuietStar, RELEASED_NAMES
 from tasks import (DATA_FILES, download, extract_answer, gold, load_examples,  # noqa: F401 (re-exported)
                    normalize_number, parse_example, question_text, scored_prompt, shuffled)
-from tokenizer import check_vocabulary, load_tokenizer
+from tokenizer import CharTokenizer, check_vocabulary, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ANSWER_MARKER = [13, 28741, 28747]      # "\nA:" in Mistral's tokenizer
@@ -324,7 +327,8 @@ def parse_args():
     p = short_errors(argparse.ArgumentParser(description=__doc__,
                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--ckpt", required=True)
-    p.add_argument("--tasks", default="gsm8k,csqa", help=f"comma-separated: {', '.join(DATA_FILES)}")
+    p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(TASKS)} "
+                   f"(default: arith for a compact-vocabulary checkpoint, else gsm8k,csqa)")
     p.add_argument("--metrics", default="paper,exact,cot,ppl", help=f"comma-separated: {', '.join(METRICS)}")
     p.add_argument("--think", default="auto", choices=["auto", "both", "yes", "no"])
     p.add_argument("--limit", type=at_least(0), default=0,
@@ -346,12 +350,12 @@ def parse_args():
     p.add_argument("--download", action="store_true", help="fetch GSM8K test and CSQA dev into --data_dir")
     p.add_argument("--json", default="", help="also write the results here")
     p.add_argument("--html", default="", help="write a page showing where thinking helps on --text")
-    p.add_argument("--text", default="Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38",
-                   help='for --html; "\\n" in it is a newline')
+    p.add_argument("--text", default="", help='for --html (default: a GSM8K-style problem, or an arith '
+                   'one); "\\n" in it is a newline')
     args = p.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.metrics = [m for m in args.metrics.split(",") if m]
-    for name, given, known in (("task", args.tasks, DATA_FILES), ("metric", args.metrics, METRICS)):
+    for name, given, known in (("task", args.tasks, TASKS), ("metric", args.metrics, METRICS)):
         for x in given:
             if x not in known:
                 p.error(f"unknown {name} {x!r}; {name}s: {', '.join(known)}")
@@ -366,6 +370,7 @@ def parse_args():
 
 
 METRICS = ("paper", "exact", "cot", "ppl")
+TASKS = (*DATA_FILES, "arith")
 
 
 def main():
@@ -373,6 +378,10 @@ def main():
     if args.download:
         download(args.data_dir)
     tok = load_tokenizer(args.ckpt)
+    compact = isinstance(tok, CharTokenizer)
+    args.tasks = args.tasks or (["arith"] if compact else ["gsm8k", "csqa"])
+    args.text = args.text or ("3+4*2-5=9" if compact else
+                              "Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38")
     qs, think_modes = load_for_eval(args)
     check_vocabulary(tok, qs.model.args.vocab_size, args.ckpt)
     if args.html:
@@ -383,6 +392,16 @@ def main():
 
     results = {}
     for task in args.tasks:
+        if task == "arith":
+            from data.arith.report import load_test, thinking_summary
+            if not compact:
+                raise SystemExit(f"{args.ckpt}: the arith task needs a checkpoint with the arithmetic vocabulary (vocab.json)")
+            if think_modes != [False, True]:
+                raise SystemExit("the arith task compares thinking with not thinking: use --think=auto or both")
+            results.update(thinking_summary(qs, tok, load_test(limit=args.limit), args.seed))
+            continue
+        if compact:
+            raise SystemExit(f"{args.ckpt}: task {task} needs Mistral's tokenizer; this checkpoint has a compact vocabulary")
         examples = shuffled(load_examples(task, args.data_dir), args.seed, args.limit)
         for metric in args.metrics:
             if metric == "ppl" or (metric == "cot" and task != "gsm8k"):
@@ -400,7 +419,7 @@ def main():
                 results[f"{task}/{metric}/{'thinking' if think else 'no_thinking'}"] = value
                 print(f"  {label}: {value[0]:.4f} ± {value[1]:.4f} (n={value[2]}, {time.time() - t0:.1f}s)",
                       flush=True)
-    if "ppl" in args.metrics and True in think_modes:
+    if "ppl" in args.metrics and True in think_modes and not compact:
         n_docs = min(args.ppl_docs, args.limit or args.ppl_docs)
         for name, value in held_out_perplexity(qs, args, progress("held-out perplexity", n_docs)).items():
             results[f"math/{name}"] = value
@@ -411,8 +430,9 @@ def main():
             print(f"{name:44s} {value[0]:9.4f} {value[1]:8.4f} {value[2]:7d}")
         else:
             print(f"{name:44s} {value:9.4f}")
-    print("paper = expected probability of the exact gold answer (the paper's metric), "
-          "not exact-match accuracy; exact and cot are accuracies.")
+    if not compact:
+        print("paper = expected probability of the exact gold answer (the paper's metric), "
+              "not exact-match accuracy; exact and cot are accuracies.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"checkpoint": args.ckpt, "results": results}, f, indent=2)

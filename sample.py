@@ -11,8 +11,8 @@ Checkpoints: a plain Mistral in Hugging Face layout (config.json + *.safetensors
 Quiet-STaR layout (ezelikman/quietstar-8-ahead; pass --n_thought_tokens 5). With --think a
 Quiet-STaR checkpoint thinks before every token (--show_thoughts prints each thought inline,
 between <|startthought|> and <|endthought|>, before the token it led to); without, it decodes
-plainly. The tokenizer is the checkpoint's own tokenizer.model, else the Mistral-7B-v0.1 one
-in assets/ (tokenizer.load_tokenizer). "\\n" in a prompt is a newline.
+plainly. The tokenizer is the checkpoint's own vocab.json (a compact vocabulary) or
+tokenizer.model, else the Mistral-7B-v0.1 one in assets/ (tokenizer.load_tokenizer). "\\n" in a prompt is a newline.
 """
 
 import argparse

@@ -27,6 +27,7 @@ Run this file to print a round trip: `python tokenizer.py "some text"`.
 
 import codecs
 import itertools
+import json
 import os
 import sys
 
@@ -278,18 +279,81 @@ class Tokenizer:
         return self._id_bytes[i].decode("utf-8", errors="replace")
 
 
+
+# -----------------------------------------------------------------------------
+# a compact vocabulary of single symbols (nanoGPT's shakespeare_char), stored as vocab.json
+
+class CharTokenizer:
+    """One id per symbol, read from a vocab.json {"symbols": [...]} that a dataset writes and
+    every checkpoint trained on it carries. Ids 0, 1, 2 are <unk>, BOS, EOS, as in Mistral's;
+    the two thought delimiters come after the symbols, so they stay the last two ids."""
+
+    def __init__(self, symbols):
+        if list(symbols[:3]) != ["<unk>", "<s>", "</s>"] or len(set(symbols)) != len(symbols) \
+                or any(len(s) != 1 for s in symbols[3:]):
+            raise ValueError("vocabulary: expected '<unk>', '<s>', '</s>', then distinct single "
+                             f"characters, got {symbols[:8]}...")
+        self.symbols = list(symbols)
+        self.path = "vocab.json"
+        self.n_words = len(symbols)
+        self.unk_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.thought_start_id, self.thought_end_id = self.n_words, self.n_words + 1
+        self._id_text = [""] * 3 + self.symbols[3:] + list(THOUGHT_TOKENS)
+        self._ids = {s: i for i, s in enumerate(self.symbols) if i >= 3}
+
+    @classmethod
+    def from_file(cls, path):
+        if os.path.isdir(path):
+            path = os.path.join(path, "vocab.json")
+        with open(path) as f:
+            tok = cls(json.load(f)["symbols"])
+        tok.path = path
+        return tok
+
+    def save(self, directory):
+        with open(os.path.join(directory, "vocab.json"), "w") as f:
+            json.dump({"symbols": self.symbols}, f)
+
+    @property
+    def vocab_size(self):
+        """Ids the tokenizer can decode: the symbols plus the 2 thought delimiters."""
+        return len(self._id_text)
+
+    def encode(self, text, bos=False, eos=False):
+        unknown = sorted(set(text) - set(self._ids))
+        if unknown:
+            raise ValueError(f"encode: {unknown[:5]} not in the vocabulary ({''.join(self.symbols[3:])})")
+        return [self.bos_id] * bos + [self._ids[c] for c in text] + [self.eos_id] * eos
+
+    def encode_batch(self, texts, bos=False, eos=False, num_threads=0):
+        return [self.encode(t, bos, eos) for t in texts]
+
+    def decode(self, ids):
+        """Ids -> text; <unk>, BOS and EOS show nothing, the delimiters show their names."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        bad = [i for i in ids if not 0 <= i < len(self._id_text)]
+        if bad:
+            raise ValueError(f"decode: ids {bad[:5]} are outside the vocabulary (0..{len(self._id_text) - 1})")
+        return "".join(self._id_text[i] for i in ids)
+
+    def id_to_piece(self, i):
+        return self._id_text[i] or self.symbols[i]
+
+
 VENDORED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "tokenizer.model")
 
 
 def load_tokenizer(ckpt_dir=None):
-    """The one place every tool gets its tokenizer: the checkpoint directory's own
-    tokenizer.model when it has one (train.py copies it into every checkpoint), else the
-    Mistral-7B-v0.1 tokenizer shipped in assets/ (for ckpt_dir None, or a checkpoint without
-    one). A path to a tokenizer file is read as it is."""
+    """The one place every tool gets its tokenizer: a checkpoint or data directory's
+    vocab.json (a compact vocabulary, see CharTokenizer), else its own tokenizer.model
+    (train.py copies the one it used into every checkpoint), else the Mistral-7B-v0.1
+    tokenizer shipped in assets/ (also for ckpt_dir None). A path to a file is read as it is."""
     if ckpt_dir is None:
         return Tokenizer(VENDORED)
     if os.path.isfile(ckpt_dir):
-        return Tokenizer(ckpt_dir)
+        return CharTokenizer.from_file(ckpt_dir) if ckpt_dir.endswith(".json") else Tokenizer(ckpt_dir)
+    if os.path.isfile(os.path.join(ckpt_dir, "vocab.json")):
+        return CharTokenizer.from_file(ckpt_dir)
     own = os.path.join(ckpt_dir, "tokenizer.model")
     return Tokenizer(own if os.path.isfile(own) else VENDORED)
 

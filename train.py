@@ -1,7 +1,8 @@
 """
 Quiet-STaR training, in one readable loop, from one CPU to many GPUs.
 
-    python train.py                          # tiny model, small math corpus, CPU is enough (minutes)
+    python train.py                          # = config/arith.py: a tiny model learns to think (CPU, minutes)
+    python train.py --init_from=scratch      # any argument: TrainConfig's defaults (tiny model, math corpus)
     python train.py --max_steps=20 --device=cpu
     python train.py config/quietstar_mistral7b.py --init_from=/path/to/Mistral-7B-v0.1
     torchrun --standalone --nproc_per_node=8 train.py config/quietstar_mistral7b.py \
@@ -47,6 +48,7 @@ from quietstar import QuietStar, QuietStarConfig, quietstar_loss
 from tokenizer import check_vocabulary, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CONFIG = "config/arith.py"   # what `python train.py` runs: thinking that helps, on a CPU
 
 
 @dataclass
@@ -73,6 +75,7 @@ class TrainConfig:
     base_loss_weight: float = 0.5
     positive_advantage_only: bool = True
     embedding_scale: float = 100.0
+    delimiter_init_id: int = 11940   # token whose embedding starts <start> and <end> ('▁---')
     # optimisation: AdamW on every parameter (weight decay too, as the official run)
     learning_rate: float = 1e-3      # the paper: 1e-6 (on a pretrained model)
     weight_decay: float = 1e-3
@@ -95,6 +98,7 @@ class TrainConfig:
     eval_paper_examples: int = 0     # with eval_interval: the paper's GSM8K/CSQA metric on N examples
     save_interval: int = 50
     overwrite: bool = False          # a fresh run may replace a checkpoint already in out_dir
+    final_eval: str = ""             # "arith": held-out accuracy with vs without thinking at the end
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
 
@@ -159,10 +163,11 @@ def quietstar_config(cfg):
                            reinforce_temperature=cfg.reinforce_temperature,
                            base_loss_weight=cfg.base_loss_weight,
                            positive_advantage_only=cfg.positive_advantage_only,
-                           embedding_scale=cfg.embedding_scale)
+                           embedding_scale=cfg.embedding_scale,
+                           delimiter_init_id=cfg.delimiter_init_id)
 
 
-def load_model(cfg, source, rank, device, fsdp):
+def load_model(cfg, source, rank, device, fsdp, tokenizer):
     """
     The model to train (QuietStar, or a plain Transformer for mode=lm), in float32 (or
     bfloat16 with pure_bf16). With FSDP only rank 0 reads the checkpoint: the others build an
@@ -173,7 +178,8 @@ def load_model(cfg, source, rank, device, fsdp):
     where = "cpu" if fsdp else device
     if source == "scratch":
         torch.manual_seed(cfg.seed)                       # same initial weights on every process
-        args = ModelArgs.from_name(cfg.preset, vocab_size=32002 if cfg.mode == "quietstar" else 32000)
+        n_words = tokenizer.n_words                       # + the two delimiters for Quiet-STaR
+        args = ModelArgs.from_name(cfg.preset, vocab_size=n_words + 2 if cfg.mode == "quietstar" else n_words)
         with torch.device(where if load_here else "meta"):
             model = Transformer(args)
             if cfg.mode == "quietstar":
@@ -190,7 +196,7 @@ def load_model(cfg, source, rank, device, fsdp):
         torch.manual_seed(cfg.seed)                       # the two new vocabulary rows
         return QuietStar.from_pretrained(source, quietstar_config(cfg), device=where, dtype=dtype)
     args = read_config(source)[0]
-    if args.vocab_size == 32000:                          # a plain Mistral: the delimiters are added
+    if args.vocab_size == tokenizer.n_words:              # a plain model: the delimiters are added
         args.vocab_size += 2
     with torch.device("meta"):
         return QuietStar(Transformer(args), quietstar_config(cfg))
@@ -350,7 +356,7 @@ def data_path(path):
 def show_thought(model, tokenizer, tokens, valid, cfg, step):
     """Print the text around one position with the thought sampled there."""
     thoughts = sample_thoughts(model, tokens[:1], valid[:1], [0], cfg, step)
-    i = int(valid[0].sum()) // 2
+    i = max(0, int(valid[0].sum()) - 1 - cfg.n_talk)     # the last position with all its talk targets
     before = tokenizer.decode(tokens[0, max(0, i - 24):i + 1].tolist())
     after = tokenizer.decode(tokens[0, i + 1:i + 1 + cfg.n_talk].tolist())
     thought = tokenizer.decode(thoughts[0, 0, i].tolist())
@@ -382,6 +388,7 @@ def paper_metric_during_training(model, tokenizer, cfg):
 
 
 def main(argv):
+    argv = argv or [os.path.join(HERE, DEFAULT_CONFIG)]   # no arguments: the classroom run
     cfg = parse_config(argv)
     start_step = 0
     if cfg.init_from == "resume":
@@ -398,7 +405,9 @@ def main(argv):
     # data
     if master:
         from data.math.prepare import ensure_prepared
+        from data.arith.prepare import ensure_prepared as ensure_arith_prepared
         ensure_prepared(cfg.data, cfg.val_data if cfg.eval_interval else "")
+        ensure_arith_prepared(cfg.data, cfg.val_data if cfg.eval_interval else "")
     if world_size > 1:
         dist.barrier()
     n_micro = cfg.docs_per_step // cfg.micro_batch_size // world_size   # micro-batches per process and step
@@ -408,8 +417,10 @@ def main(argv):
 
     # model, tokenizer, optimizer
     source = os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from
-    tokenizer = load_tokenizer(None if source == "scratch" else source)
-    model = load_model(cfg, source, rank, device, fsdp)
+    source = source if source == "scratch" or os.path.isabs(source) or os.path.isdir(source) else \
+        os.path.join(HERE, source)
+    tokenizer = load_tokenizer(os.path.dirname(data_path(cfg.data)) if source == "scratch" else source)
+    model = load_model(cfg, source, rank, device, fsdp, tokenizer)
     vocab_size = (model.model if isinstance(model, QuietStar) else model).args.vocab_size
     check_vocabulary(tokenizer, vocab_size, source)
     check_token_ids(documents, vocab_size, tokenizer)
@@ -543,6 +554,9 @@ def main(argv):
     if master and cfg.mode == "quietstar" and start_step < cfg.max_steps and not fsdp and not stop["signal"]:
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
+    if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp:
+        from data.arith.report import load_test, thinking_summary
+        thinking_summary(model, tokenizer, load_test(), cfg.seed)
     if world_size > 1:
         dist.destroy_process_group()
 
