@@ -90,6 +90,7 @@ class TrainConfig:
     pure_bf16: bool = False          # bf16 weights and optimizer state, as the official run
     fsdp: bool = True                # with several processes: FSDP2 if True, else DDP
     activation_checkpointing: bool = False
+    compile: bool = False            # torch.compile each transformer block (for GPU runs; needs a compiler)
     # logging and checkpoints
     log_interval: int = 1
     thought_interval: int = 20       # show one sampled thought every N steps (0: never)
@@ -426,6 +427,9 @@ def main(argv):
     check_token_ids(documents, vocab_size, tokenizer)
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+    if cfg.compile:                       # per block, after checkpointing and before sharding
+        for block in blocks_of(model):
+            block.compile()
     if fsdp:
         model = shard_model(model, cfg, rank, device)
         wrapped = model
