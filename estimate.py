@@ -50,6 +50,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import train
+from cli import make_settings, read_overrides
 from model import ModelArgs, Transformer, read_config
 from quietstar import QuietStar
 
@@ -88,13 +89,13 @@ def step_flops(model_args, quietstar_config, docs, seq_len, mode="quietstar"):
     # a branch sees the text up to its position and the k+1 branch tokens up to itself
     sample = L * per_token + text_pairs * pair + P * L * N * (per_token + logits) \
         + P * N * text_pairs * pair + P * L * (N * (N + 1) // 2) * pair
-    # training forward: the text once; every branch of M tokens; the output layer over the base
-    # rows (each text row repeated P times), the N thought rows and T talk rows of every
+    # training forward: the text once; every branch of M tokens; the output layer over the
+    # L-1 text rows that have a next token, and the N thought rows and T talk rows of every
     # branch; the mixing head (2d->d, d->d, d->1) over every talk row
     mixing = 2 * (2 * a.dim * a.dim + a.dim * a.dim + a.dim)
     train_forward = L * per_token + text_pairs * pair + P * L * M * per_token \
         + P * M * text_pairs * pair + P * L * (M * (M + 1) // 2) * pair \
-        + P * L * (1 + N + T) * logits + P * L * T * mixing
+        + (L - 1 + P * L * (N + T)) * logits + P * L * T * mixing
     return docs * (sample + 3 * train_forward)
 
 
@@ -102,7 +103,7 @@ def step_flops(model_args, quietstar_config, docs, seq_len, mode="quietstar"):
 # settings
 
 def parse_args(argv):
-    """-> (TrainConfig, estimate options). Accepts --name value and --name=value for ours."""
+    """-> (TrainConfig, estimate options), from train.py's settings and ours."""
     options, rest, i = dict(DEFAULTS), [], 0
     while i < len(argv):
         name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else None
@@ -126,8 +127,8 @@ def parse_args(argv):
             or not 0 < options["mfu"] <= 1:
         raise SystemExit("--gpus must be >= 1, --gpu_memory and --peak_tflops > 0, --mfu in (0, 1]")
     # a GPU run computes in bfloat16 by default; estimate.py is about the paper's model
-    values = {"dtype": "bfloat16", "preset": "mistral-7b", **train.read_overrides(rest)}
-    return train.make_config(values), options
+    values = {"dtype": "bfloat16", "preset": "mistral-7b", **read_overrides(rest)}
+    return train.check_settings(make_settings(train.TrainConfig, values)), options
 
 
 def model_args_of(cfg, n_layers=0):
