@@ -146,6 +146,62 @@ class QuietStarOutput:
     branch_hidden: torch.Tensor    # (R, L, M, d) final-normed hidden state of every branch token
 
 
+def talk_loss_and_reward(out, tokens, valid, config):
+    """
+    The language-modelling losses and the reward of every thought.
+    out: QuietStarOutput with R rows; tokens (R, L) and valid bool (R, L) (False at padding:
+    its targets are not scored), already repeated once per thought.
+    Returns nll_base (scalar: mean CE of the plain next token over real targets), nll_talk
+    (scalar: the mean over talk steps s of the mean CE of predicting x_{i+1+s} from position
+    i), reward (R, L-1-n_talk), detached: for each position that has all n_talk targets, the
+    sum over them of log p_talk - log p_base, and target_ok bool (R, L, n_talk).
+    """
+    L, T = tokens.shape[1], config.n_talk
+    n_scored = L - 1 - T                                      # positions that have all T targets
+
+    def cross_entropy(logits, targets):   # (..., V) rows, so equal logits give equal losses
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                               reduction="none").view(targets.shape)
+
+    # plain next-token loss, and the talk loss of step s on target x_{i+1+s}
+    base_ce = cross_entropy(out.base_logits[:, :-1], tokens[:, 1:]) * valid[:, 1:]  # (R, L-1)
+    target_index = torch.arange(L, device=tokens.device)[:, None] + 1 + torch.arange(T, device=tokens.device)  # (L, T)
+    targets = F.pad(tokens, (0, T + 1))[:, target_index]                          # (R, L, T)
+    target_ok = F.pad(valid, (0, T + 1))[:, target_index]                         # (R, L, T)
+    talk_ce = cross_entropy(out.talk_logits, targets) * target_ok                 # (R, L, T)
+    nll_base = base_ce.sum() / valid[:, 1:].sum()
+    nll_talk = (talk_ce.sum((0, 1)) / target_ok.sum((0, 1))).mean()
+
+    # reward of a thought: how much likelier it made the next T true tokens
+    base_ce_ahead = base_ce[:, target_index[:n_scored] - 1]                       # (R, n_scored, T)
+    reward = (base_ce_ahead - talk_ce[:, :n_scored]).sum(-1).detach()            # (R, n_scored)
+    return nll_base, nll_talk, reward, target_ok
+
+
+def reinforce_loss(thought_logits, thoughts, reward, n_thoughts, config):
+    """
+    REINFORCE with a baseline, on the sampled thought tokens.
+    thought_logits (R, L, N, V) the logits each thought token was sampled from; thoughts
+    (R, L, N) the sampled tokens; reward (R, n_scored); R = B * n_thoughts with the
+    n_thoughts thoughts of one text in adjacent rows.
+    The advantage is the reward minus the mean reward of the n_thoughts thoughts at the same
+    position (no baseline when n_thoughts is 1), clamped at 0 if positive_advantage_only.
+    Returns (policy_loss, advantage (R, n_scored)): policy_loss is the mean over every
+    (row, position, thought token), zero advantages included, of
+    -advantage * log softmax(logits / reinforce_temperature)[sampled token].
+    """
+    n_scored = reward.shape[1]
+    advantage = reward
+    if n_thoughts > 1:   # baseline: the mean reward of the thoughts at the same position
+        per_example = reward.view(-1, n_thoughts, n_scored)
+        advantage = (per_example - per_example.mean(1, keepdim=True)).view(-1, n_scored)
+    if config.positive_advantage_only:
+        advantage = advantage.clamp(min=0)
+    log_probs = (thought_logits[:, :n_scored] / config.reinforce_temperature).log_softmax(-1)
+    log_p = log_probs.gather(-1, thoughts[:, :n_scored, :, None]).squeeze(-1)    # (R, n_scored, N)
+    return (-advantage[..., None] * log_p).mean(), advantage
+
+
 def quietstar_loss(out, tokens, thoughts, valid, config):
     """
     The Quiet-STaR loss from the model's outputs (see the file's docstring).
@@ -154,43 +210,14 @@ def quietstar_loss(out, tokens, thoughts, valid, config):
     Returns (scalar loss, dict of floats).
     """
     B, P, L, N = thoughts.shape
-    T = config.n_talk
-    n_scored = L - 1 - T                                      # positions that have all T targets
-    if n_scored < 1:
-        raise ValueError(f"sequence of {L} tokens is too short for n_talk={T}")
+    if L - 1 - config.n_talk < 1:
+        raise ValueError(f"sequence of {L} tokens is too short for n_talk={config.n_talk}")
     valid = valid.repeat_interleave(P, 0)                     # (R, L)
     tokens = tokens.repeat_interleave(P, 0)                   # (R, L)
-
-    # plain next-token loss, and the talk loss of step s on target x_{i+1+s}
-    def cross_entropy(logits, targets):   # (..., V) rows, so equal logits give equal losses
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                               reduction="none").view(targets.shape)
-
-    base_ce = cross_entropy(out.base_logits[:, :-1], tokens[:, 1:]) * valid[:, 1:]  # (R, L-1)
-    target_index = torch.arange(L, device=tokens.device)[:, None] + 1 + torch.arange(T, device=tokens.device)  # (L, T)
-    targets = F.pad(tokens, (0, T + 1))[:, target_index]                          # (R, L, T)
-    target_ok = F.pad(valid, (0, T + 1))[:, target_index]                         # (R, L, T)
-    talk_ce = cross_entropy(out.talk_logits, targets) * target_ok                 # (R, L, T)
-    nll_base = base_ce.sum() / valid[:, 1:].sum()
-    nll_talk = (talk_ce.sum((0, 1)) / target_ok.sum((0, 1))).mean()
+    nll_base, nll_talk, reward, target_ok = talk_loss_and_reward(out, tokens, valid, config)
     nll = config.base_loss_weight * nll_base + (1 - config.base_loss_weight) * nll_talk
-
-    # reward of a thought: how much likelier it made the next T true tokens
-    base_ce_ahead = base_ce[:, target_index[:n_scored] - 1]                       # (R, n_scored, T)
-    reward = (base_ce_ahead - talk_ce[:, :n_scored]).sum(-1).detach()            # (R, n_scored)
-    advantage = reward
-    if P > 1:   # baseline: the mean reward of the P thoughts at the same position
-        per_example = reward.view(B, P, -1)
-        advantage = (per_example - per_example.mean(1, keepdim=True)).view(B * P, -1)
-    if config.positive_advantage_only:
-        advantage = advantage.clamp(min=0)
-
-    # REINFORCE on the sampled thought tokens, log-probabilities at reinforce_temperature;
-    # the mean runs over every (row, position, thought token), zero advantages included
-    log_probs = (out.thought_logits[:, :n_scored] / config.reinforce_temperature).log_softmax(-1)
-    sampled = thoughts.reshape(B * P, L, N)[:, :n_scored, :, None]
-    log_p = log_probs.gather(-1, sampled).squeeze(-1)                             # (R, n_scored, N)
-    policy_loss = (-advantage[..., None] * log_p).mean()
+    policy_loss, advantage = reinforce_loss(out.thought_logits, thoughts.reshape(B * P, L, N),
+                                            reward, P, config)
     loss = nll + config.policy_weight * policy_loss
 
     w = out.mix_weight[target_ok]
