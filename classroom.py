@@ -215,18 +215,20 @@ def test_files_for(root, modules):
     return found
 
 
-def run_tests(tree, args):
+def run_tests(tree, args, timeout=3600):
     """Run pytest in tree on args (files or test ids) -> {test id: (passed, first error line)}."""
     fd, xml = tempfile.mkstemp(suffix=".xml")
     os.close(fd)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
            f"--junitxml={xml}", *args]
-    done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True)
     try:
+        done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
         if done.returncode not in (0, 1) or not os.path.getsize(xml):
             raise ClassroomError(f"pytest {' '.join(args)[:200]} in {tree} stopped (exit "
                                  f"{done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
         return read_junit(xml)
+    except subprocess.TimeoutExpired:
+        raise ClassroomError(f"pytest {' '.join(args)[:200]} in {tree} ran longer than {timeout} s")
     finally:
         os.remove(xml)
 
@@ -269,13 +271,14 @@ def derive_mapping(root, parts, test_files, jobs):
         with ThreadPoolExecutor(jobs) as pool:
             results = dict(zip(tasks, pool.map(lambda t: run_tests(t[0], [t[1]]), tasks)))
         baseline = {k: v for f in plans[0][2] for k, v in results[(plans[0][0], f)].items()}
-        mapping = {}
+        mapping, ran = {}, {}
         for tree, part, fs in plans[1:]:
             stubbed = {k: v for f in fs for k, v in results[(tree, f)].items()}
             mapping[part["name"]] = [t for t, (ok, _) in baseline.items()
                                      if ok and t in stubbed and not stubbed[t][0]]
+            ran[part["name"]] = fs
         broken = sorted(t for t, (ok, _) in baseline.items() if not ok)
-        return mapping, broken
+        return mapping, ran, broken
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -296,16 +299,20 @@ def cmd_make(args):
         raise ClassroomError(f"--out {args.out}: exists and is not empty; choose a new folder")
     if sol and (sol + os.sep).startswith(out + os.sep):
         raise ClassroomError(f"--solutions {args.solutions}: must be outside the student tree {args.out}")
-    parts = [find_part(name) for name in args.parts]
+    parts = [find_part(name) for name in dict.fromkeys(args.parts)]
+    for f in args.tests or []:
+        if not os.path.isfile(os.path.join(root, f)):
+            raise ClassroomError(f"--tests {f}: no such file in {root}")
     for part in parts:                                  # every name resolves before any test runs
         for f in part["functions"]:
             body_lines(*locate(root, f))
     t0 = time.time()
-    mapping, broken = derive_mapping(root, parts, args.tests, args.jobs)
-    uncaught = [p["name"] for p in parts if not mapping[p["name"]]]
-    if uncaught:
-        raise ClassroomError(f"{', '.join(uncaught)}: no test fails when its body is removed, so it "
-                             f"cannot be graded; choose another function or add a test that calls it")
+    mapping, ran, broken = derive_mapping(root, parts, args.tests, args.jobs)
+    for p in parts:
+        if not mapping[p["name"]]:
+            raise ClassroomError(f"{p['name']}: no test fails when its body is removed (ran: "
+                                 f"{', '.join(ran[p['name']]) or 'no test file imports its module'}), "
+                                 f"so it cannot be graded; choose another function or add a test")
     if broken:
         print(f"note: {len(broken)} tests fail on the original code and are not graded: "
               f"{', '.join(broken)}")
@@ -378,7 +385,7 @@ def cmd_grade(args):
         raise ClassroomError(f"--part {args.part}: not in this assignment "
                              f"({', '.join(p['name'] for p in record['parts'])})")
     tests = list(dict.fromkeys(t for p in parts for t in p["tests"]))
-    results = run_tests(here, tests)
+    results = run_tests(here, tests, args.timeout)
     rows = []
     for p in parts:
         failing = [(t, results.get(t, (False, "did not run (collection error?)"))[1])
@@ -428,6 +435,7 @@ def main(argv=None):
     grade = sub.add_parser("grade", help="run the graded tests here and print the points")
     grade.add_argument("--json", action="store_true", help="print JSON for a course's grader")
     grade.add_argument("--part", nargs="+", help="grade only these parts")
+    grade.add_argument("--timeout", type=int, default=3600, help="seconds before the tests are stopped")
     solve = sub.add_parser("solve", help="put the original bodies of parts back (teacher)")
     solve.add_argument("parts", nargs="+")
     solve.add_argument("--solutions", required=True, help="the folder given to make --solutions")
