@@ -215,14 +215,15 @@ def test_files_for(root, modules):
     return found
 
 
-def run_tests(tree, args, timeout=3600):
+def run_tests(tree, args, timeout=3600, env=None):
     """Run pytest in tree on args (files or test ids) -> {test id: (passed, first error line)}."""
     fd, xml = tempfile.mkstemp(suffix=".xml")
     os.close(fd)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
            f"--junitxml={xml}", *args]
     try:
-        done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout,
+                              env=env)
         if done.returncode not in (0, 1) or not os.path.getsize(xml):
             raise ClassroomError(f"pytest {' '.join(args)[:200]} in {tree} stopped (exit "
                                  f"{done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
@@ -268,8 +269,12 @@ def derive_mapping(root, parts, test_files, jobs):
             plans.append((tree, part, test_files or test_files_for(root, modules)))
         plans[0] = (plans[0][0], None, sorted({f for _, _, fs in plans[1:] for f in fs}))
         tasks = [(tree, f) for tree, _, fs in plans for f in fs]
+        # one torch thread per run when several run at once: spinning OpenMP threads of
+        # parallel runs fight over the cores (only the speed changes: which tests fail does not)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))))
         with ThreadPoolExecutor(jobs) as pool:
-            results = dict(zip(tasks, pool.map(lambda t: run_tests(t[0], [t[1]]), tasks)))
+            results = dict(zip(tasks, pool.map(lambda t: run_tests(t[0], [t[1]], env=env), tasks)))
         baseline = {k: v for f in plans[0][2] for k, v in results[(plans[0][0], f)].items()}
         mapping, ran = {}, {}
         for tree, part, fs in plans[1:]:
