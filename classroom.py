@@ -54,7 +54,7 @@ PARTS = [
      "turn logits into a token: greedy, temperature, top-k and nucleus (top-p) filtering",
      "Holtzman et al. 2020, The Curious Case of Neural Text Degeneration, Sec. 3.1 (top-p)"),
     ("qk_permutation", "The q/k permutation on loading", ["model.permute_for_rope"],
-     "why Hugging Face's wq/wk rows are reordered (rotate-half RoPE) and how to undo it exactly",
+     "undo the reordering of Hugging Face's wq/wk rows (made for its rotate-half RoPE), and redo it on saving",
      "transformers' convert_mistral_weights_to_hf.py, permute(); model.py's docstring"),
     ("byte_fallback", "The tokenizer's byte fallback", ["tokenizer.build_ranks"],
      "translate SentencePiece's pieces into tiktoken ranks, with bytes for what no piece covers",
@@ -371,10 +371,10 @@ def write_assignment(root, out, parts, mapping):
     text.append("## Last exercise: see thinking help\n\n"
                 "With every part passing, train the tiny model with your own code:\n\n"
                 "    python train.py\n\n"
-                "Each step prints `nll_base` (the plain next-token loss) and `nll_talk` (the loss "
-                "after thinking) and the mean reward of the thoughts. Watch `nll_talk` fall below "
-                "`nll_base` and the reward turn positive as the mixing head and the thoughts "
-                "learn; `python evaluate.py --ckpt out/ckpt --html thinking.html --text \"...\"` "
+                "Each step prints `nll_base` (the plain next-token loss), `nll_talk` (the loss "
+                "after thinking) and the thoughts' mean reward: the gain from thinking is "
+                "nll_base - nll_talk, and it appears as the mixing head and the thoughts learn. "
+                "`python evaluate.py --ckpt out/ckpt --html thinking.html --text \"...\"` "
                 "then shows, token by token, where thinking helped.\n")
     open(os.path.join(out, "ASSIGNMENT.md"), "w").write("\n".join(text))
 
