@@ -397,7 +397,8 @@ def cmd_grade(args):
         raise ClassroomError(f"--part {args.part}: not in this assignment "
                              f"({', '.join(p['name'] for p in record['parts'])})")
     tests = list(dict.fromkeys(t for p in parts for t in p["tests"]))
-    results = run_tests(here, tests, args.timeout)
+    # whole files: a test id of a file that fails to import would stop pytest
+    results = run_tests(here, sorted({t.split("::")[0] for t in tests}), args.timeout)
     rows = []
     for p in parts:
         failing = [(t, outcome(results, t)[1]) for t in p["tests"] if not outcome(results, t)[0]]
