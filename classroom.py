@@ -62,7 +62,7 @@ PARTS = [
     ("thought_attention", "Thought attention", ["quietstar.thought_attention"],
      "attention of every position's thought branch over the shared text and its own branch, "
      "one softmax over both, without the official L x L*M dense mask",
-     "Quiet-STaR (Zelikman et al. 2024), Sec. 4.2 Parallel Generation, Fig. 3"),
+     "Quiet-STaR (Zelikman et al. 2024), Sec. 4.2 Parallel Generation"),
     ("parallel_thoughts", "Sampling thoughts in parallel", ["quietstar.QuietStar.sample_thoughts"],
      "sample a thought after every token at once: the text once, then one token per position per step",
      "Quiet-STaR, Sec. 4.2 Parallel Generation"),
