@@ -211,3 +211,29 @@ def test_periodic_evaluation(short_docs, tmp_path):
     assert any("val_loss" in r for r in rows)
     scores = next(r for r in rows if "eval_gsm8k_paper" in r)
     assert 0 <= scores["eval_gsm8k_paper"] <= 1 and 0 <= scores["eval_csqa_paper"] <= 1
+
+
+def test_clip_gradients_equals_torch():
+    """clip_gradients against torch.nn.utils.clip_grad_norm_: the same norm and the same
+    gradients, scaled when the norm is above max_norm and untouched below it."""
+    import copy
+    import math
+
+    import torch
+
+    from train import clip_gradients
+    torch.manual_seed(0)
+    for max_norm in (0.5, 1e3):
+        ours = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+        ours[2].bias.requires_grad_(False)                  # a parameter without a gradient
+        reference = copy.deepcopy(ours)
+        x = torch.randn(4, 7)
+        for model in (ours, reference):
+            model(x).square().sum().backward()
+        norm = clip_gradients(ours, max_norm, fsdp=False)
+        expected = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm)
+        assert math.isclose(norm, expected.item(), rel_tol=1e-6)
+        assert (norm > max_norm) == (max_norm == 0.5)       # one case clips, the other does not
+        for a, b in zip(ours.parameters(), reference.parameters()):
+            assert (a.grad is None) == (b.grad is None)
+            assert a.grad is None or torch.allclose(a.grad, b.grad, rtol=1e-6, atol=0)

@@ -1,0 +1,470 @@
+"""
+Classroom: any part of this repository becomes an assignment, graded part by part by the
+tests that already hold the code to its references.
+
+    python classroom.py list                                   # the parts, in reading order
+    python classroom.py make rmsnorm rope --out hw1 --solutions hw1-solutions
+    cd hw1 && python classroom.py grade [--json] [--part rope]  # tests passed and points per part
+    python classroom.py solve rope --solutions ../hw1-solutions # put a part's bodies back
+
+`make` copies the git-tracked files into --out and replaces the body of every function of
+the chosen parts by `raise NotImplementedError(...)`, keeping its signature and docstring
+(the docstring is the specification). Which tests grade a part is derived, not written down:
+the test files that import the part's module (at their top) run once on the original code
+and once with that part alone stubbed; the tests that passed before and fail now are the
+part's tests. A part that no test catches is refused. The mapping is written to
+DIR/classroom.json, so `grade` only runs tests. Any function can be a part:
+`model.apply_rope`, `model.RMSNorm.forward`.
+"""
+
+import argparse
+import ast
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from concurrent.futures import ThreadPoolExecutor
+
+# The parts, in reading order: name, title, functions (module.qualified.name), what the
+# student implements and learns, and where it comes from. Names are resolved when used, so
+# a function that was renamed or moved gives a clear error here, not a wrong assignment.
+PARTS = [
+    ("rmsnorm", "RMSNorm", ["model.RMSNorm.forward"],
+     "normalise each vector by its root mean square (in float32) and scale it by a learned weight",
+     "Zhang & Sennrich 2019, Root Mean Square Layer Normalization, Sec. 3"),
+    ("rope", "Rotary position embeddings", ["model.rope_cos_sin", "model.apply_rope"],
+     "rotate each pair of dimensions by position x frequency, so that q.k depends on the distance only",
+     "Su et al. 2021, RoFormer, Sec. 3.4 (the rotation of pairs, computed efficiently)"),
+    ("attention", "Grouped-query attention with a sliding window",
+     ["model.attention_mask", "model.Attention.forward"],
+     "causal attention where 4 query heads share one key/value head and a token sees at most "
+     "`window` tokens, also through a KV cache and left padding",
+     "Ainslie et al. 2023, GQA; Jiang et al. 2023, Mistral 7B, Sec. 2 (sliding window attention)"),
+    ("swiglu", "SwiGLU feed-forward", ["model.FeedForward.forward"],
+     "the gated feed-forward layer: w2(silu(w1 x) * w3 x)",
+     "Shazeer 2020, GLU Variants Improve Transformer, Sec. 2 (FFN_SwiGLU)"),
+    ("kv_cache", "The KV cache", ["model.KVCache.update"],
+     "keep every past key and value so that decoding one token costs one token, not a recompute",
+     "README: decoding; tested against recomputing the whole sequence"),
+    ("sampling", "Sampling: temperature, top-k, top-p", ["model.sample"],
+     "turn logits into a token: greedy, temperature, top-k and nucleus (top-p) filtering",
+     "Holtzman et al. 2020, The Curious Case of Neural Text Degeneration, Sec. 3.1 (top-p)"),
+    ("qk_permutation", "The q/k permutation on loading", ["model.permute_for_rope"],
+     "undo the reordering of Hugging Face's wq/wk rows (made for its rotate-half RoPE), and redo it on saving",
+     "transformers' convert_mistral_weights_to_hf.py, permute(); model.py's docstring"),
+    ("byte_fallback", "The tokenizer's byte fallback", ["tokenizer.build_ranks"],
+     "translate SentencePiece's pieces into tiktoken ranks, with bytes for what no piece covers",
+     "Kudo & Richardson 2018, SentencePiece (byte_fallback); tokenizer.py's docstring"),
+    ("thought_attention", "Thought attention", ["quietstar_ops.thought_attention"],
+     "attention of every position's thought branch over the shared text and its own branch, "
+     "one softmax over both, without the official L x L*M dense mask",
+     "Quiet-STaR (Zelikman et al. 2024), Sec. 4.2 Parallel Generation"),
+    ("parallel_thoughts", "Sampling thoughts in parallel", ["quietstar.QuietStar.sample_thoughts"],
+     "sample a thought after every token at once: the text once, then one token per position per step",
+     "Quiet-STaR, Sec. 4.2 Parallel Generation"),
+    ("mixing_head", "The mixing head", ["quietstar.QuietStar._mix"],
+     "interpolate the base and post-thought hidden states with a learned weight w",
+     "Quiet-STaR, Sec. 4.3 \"Mixing\" (Residual) Heads"),
+    ("talk_loss", "Talk loss and reward", ["quietstar.talk_loss_and_reward"],
+     "the non-myopic loss over the next n_talk true tokens, and a thought's reward: how much "
+     "likelier it made them",
+     "Quiet-STaR, Sec. 4.4 Optimizing Rationale Generation (non-myopic scoring, reward r_j)"),
+    ("reinforce", "REINFORCE with a baseline", ["quietstar.reinforce_loss"],
+     "the policy gradient on sampled thought tokens, with the mean reward of sibling thoughts "
+     "as baseline",
+     "Quiet-STaR, Sec. 4.4 Optimizing Rationale Generation (the REINFORCE gradient)"),
+    ("thinking_generation", "Thinking generation", ["quietstar.QuietStar._think"],
+     "think before each generated token with a throwaway branch over the text's KV cache",
+     "Quiet-STaR, Sec. 4.1 Overview and Algorithm 1 (think, talk at inference)"),
+    ("grad_clip", "Gradient clipping", ["train.clip_gradients"],
+     "scale all gradients so that their global norm is at most max_norm (summed in float64)",
+     "Pascanu et al. 2013, On the difficulty of training RNNs, Sec. 3.2"),
+]
+POINTS = 10            # every part is worth the same; a part's points = POINTS x passed / total
+MAPPING = "classroom.json"
+
+
+class ClassroomError(Exception):
+    """A mistake the user can fix; printed as one or two lines, no traceback."""
+
+
+# -----------------------------------------------------------------------------
+# parts and the functions they cover
+
+def find_part(name):
+    """A part of PARTS by name, or an ad-hoc part for a function name like model.apply_rope."""
+    for part_name, title, functions, learns, source in PARTS:
+        if part_name == name:
+            return dict(name=name, title=title, functions=functions, learns=learns, source=source)
+    if "." not in name:
+        raise ClassroomError(f"{name}: not a part (known: {', '.join(p[0] for p in PARTS)}); "
+                             f"or name a function as module.function, e.g. model.apply_rope")
+    return dict(name=name, title=name, functions=[name], learns="", source="")
+
+
+def locate(root, qualified):
+    """model.RMSNorm.forward -> (file, FunctionDef node) in the checkout at root."""
+    parts = qualified.split(".")
+    for n in range(len(parts) - 1, 0, -1):        # the longest prefix that is a .py file
+        path = os.path.join(root, *parts[:n]) + ".py"
+        if os.path.isfile(path):
+            break
+    else:
+        raise ClassroomError(f"{qualified}: no module {parts[0]}.py in {root}")
+    node = ast.parse(open(path).read())
+    for name in parts[n:]:
+        body = getattr(node, "body", [])
+        matches = [x for x in body if isinstance(x, (ast.FunctionDef, ast.AsyncFunctionDef,
+                                                     ast.ClassDef)) and x.name == name]
+        if not matches:
+            raise ClassroomError(f"{qualified}: {os.path.relpath(path, root)} has no "
+                                 f"{'.'.join(parts[n:])} (renamed? update PARTS in classroom.py)")
+        node = matches[0]
+    if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise ClassroomError(f"{qualified}: is a class, not a function; name its methods")
+    return path, node
+
+
+def body_lines(path, node):
+    """(first, last) 1-based lines of the body below the docstring, comments included."""
+    body, lines = node.body, open(path).read().splitlines()
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+        and isinstance(body[0].value.value, str)
+    if has_doc and len(body) == 1:
+        raise ClassroomError(f"{node.name} in {path}: has only a docstring, nothing to implement")
+    first_stmt = body[1] if has_doc else body[0]
+    first = min([first_stmt.lineno] + [d.lineno for d in getattr(first_stmt, "decorator_list", [])])
+    if first == node.lineno:
+        raise ClassroomError(f"{node.name} in {path}: body on the def line; cannot stub it")
+    stop = body[0].end_lineno if has_doc else node.lineno
+    while first - 1 > stop and lines[first - 2].strip().startswith("#"):
+        first -= 1                                 # comments above the first statement go too
+    return first, node.end_lineno
+
+
+def docstring(root, qualified):
+    return ast.get_docstring(locate(root, qualified)[1]) or ""
+
+
+def replace_bodies(root, new_bodies):
+    """new_bodies: {qualified name: function(indent) -> body text}. Rewrites files in place."""
+    by_file = {}
+    for qualified, make_body in new_bodies.items():
+        path, node = locate(root, qualified)
+        first, last = body_lines(path, node)
+        indent = node.body[-1].col_offset
+        by_file.setdefault(path, []).append((first, last, make_body(" " * indent)))
+    for path, edits in by_file.items():
+        lines = open(path).read().splitlines(keepends=True)
+        for first, last, text in sorted(edits, reverse=True):   # bottom up: line numbers hold
+            lines[first - 1:last] = [text if text.endswith("\n") else text + "\n"]
+        open(path, "w").write("".join(lines))
+
+
+def original_bodies(root, functions):
+    """{qualified name: the body's source text, as written}."""
+    out = {}
+    for qualified in functions:
+        path, node = locate(root, qualified)
+        first, last = body_lines(path, node)
+        out[qualified] = "".join(open(path).read().splitlines(keepends=True)[first - 1:last])
+    return out
+
+
+def stub(root, part):
+    what = part["learns"] or "see the docstring"
+    replace_bodies(root, {f: (lambda indent, f=f: f"{indent}raise NotImplementedError("
+                              f"{part['name'] + ': ' + f.split('.', 1)[1] + ': ' + what!r})")
+                          for f in part["functions"]})
+
+
+# -----------------------------------------------------------------------------
+# running tests
+
+def tracked_files(root):
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True)
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        raise ClassroomError(f"{root}: make needs a git checkout (it copies the tracked files)")
+    files = [f for f in out.stdout.decode().split("\0") if f]
+    return files + ["classroom.py"] * ("classroom.py" not in files)   # grade runs from the copy
+
+
+def copy_tree(root, files, dest):
+    for f in files:
+        if os.path.isfile(os.path.join(root, f)):      # tracked but deleted: skip
+            os.makedirs(os.path.dirname(os.path.join(dest, f)), exist_ok=True)
+            shutil.copy2(os.path.join(root, f), os.path.join(dest, f))
+
+
+def top_imports(path):
+    """Names of the modules a Python file imports at its top level."""
+    tree = ast.parse(open(path).read())
+    imported = {a.name.split(".")[0] for x in tree.body if isinstance(x, ast.Import) for a in x.names}
+    return imported | {x.module.split(".")[0] for x in tree.body if isinstance(x, ast.ImportFrom) and x.module}
+
+
+def test_files_for(root, modules):
+    """tests/test_*.py files that import one of modules at their top level, or a module of
+    the repository that does (quietstar.py imports quietstar_ops: its tests exercise both)."""
+    modules = set(modules)
+    modules |= {f[:-3] for f in os.listdir(root) if f.endswith(".py")
+                and top_imports(os.path.join(root, f)) & modules}
+    found = []
+    for name in sorted(os.listdir(os.path.join(root, "tests"))):
+        if name.startswith("test_") and name.endswith(".py") and \
+                top_imports(os.path.join(root, "tests", name)) & modules:
+            found.append(f"tests/{name}")
+    return found
+
+
+def run_tests(tree, args, timeout=3600, env=None):
+    """Run pytest in tree on args (files or test ids) -> {test id: (passed, first error line)}."""
+    fd, xml = tempfile.mkstemp(suffix=".xml")
+    os.close(fd)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "junit_family=xunit1",
+           "--continue-on-collection-errors", f"--junitxml={xml}", *args]
+    try:
+        done = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout,
+                              env=env)
+        if done.returncode not in (0, 1) or not os.path.getsize(xml):   # 1: some tests failed
+            raise ClassroomError(f"pytest {' '.join(args)[:200]} in {tree} stopped (exit "
+                                 f"{done.returncode}): {(done.stdout + done.stderr).strip()[-500:]}")
+        return read_junit(xml)
+    except subprocess.TimeoutExpired:
+        raise ClassroomError(f"pytest {' '.join(args)[:200]} in {tree} ran longer than {timeout} s")
+    finally:
+        os.remove(xml)
+
+
+def read_junit(xml):
+    results = {}
+    for case in ET.parse(xml).iter("testcase"):
+        file, name = case.get("file"), case.get("name")
+        if not case.get("classname"):  # a file that failed to import: all its tests fail
+            file, name = file or name.replace(".", "/") + ".py", "<collection>"
+        rest = case.get("classname", "")[len(file[:-3].replace("/", ".")) + 1:]
+        test_id = "::".join([file] + ([rest] if rest else []) + [name])
+        if case.find("skipped") is not None:
+            continue
+        bad = [c for c in case if c.tag in ("failure", "error")]
+        message = "" if name != "<collection>" else "the test file failed to import: "
+        if bad:
+            text = bad[0].text or ""
+            e_lines = [line[1:].strip() for line in text.splitlines() if line.startswith("E ")]
+            message += e_lines[0] if e_lines else (bad[0].get("message") or "").split("\n")[0]
+        results[test_id] = (not bad and results.get(test_id, (True,))[0], message)
+    return results
+
+
+def outcome(results, test_id):
+    """(passed, message) of a test; a test of a file that failed to import failed."""
+    broken = results.get(test_id.split("::")[0] + "::<collection>")
+    return broken or results.get(test_id, (False, "did not run"))
+
+
+def derive_mapping(root, parts, test_files, jobs):
+    """For each part, the tests that pass on the original code and fail with it stubbed."""
+    files = tracked_files(root)
+    scratch = tempfile.mkdtemp(prefix="classroom-")
+    try:
+        plans = []                                      # (tree, part or None, test files)
+        for i, part in enumerate([None] + parts):
+            tree = os.path.join(scratch, str(i))
+            copy_tree(root, files, tree)
+            if part is not None:
+                stub(tree, part)
+            modules = sorted({f.split(".")[0] for f in (part or {"functions": []})["functions"]})
+            plans.append((tree, part, test_files or test_files_for(root, modules)))
+        plans[0] = (plans[0][0], None, sorted({f for _, _, fs in plans[1:] for f in fs}))
+        tasks = [(tree, f) for tree, _, fs in plans for f in fs]
+        tasks.sort(key=lambda t: t[1] != "tests/test_train.py")  # the slowest file first
+        # one torch thread per run when several run at once: spinning OpenMP threads of
+        # parallel runs fight over the cores (only the speed changes: which tests fail does not)
+        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get(
+            "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))))
+        with ThreadPoolExecutor(jobs) as pool:
+            results = dict(zip(tasks, pool.map(lambda t: run_tests(t[0], [t[1]], env=env), tasks)))
+        baseline = {k: v for f in plans[0][2] for k, v in results[(plans[0][0], f)].items()}
+        mapping, ran = {}, {}
+        for tree, part, fs in plans[1:]:
+            stubbed = {k: v for f in fs for k, v in results[(tree, f)].items()}
+            mapping[part["name"]] = [t for t, (ok, _) in baseline.items()
+                                     if ok and t.split("::")[0] in fs and not outcome(stubbed, t)[0]]
+            ran[part["name"]] = fs
+        broken = sorted(t for t, (ok, _) in baseline.items() if not ok)
+        return mapping, ran, broken
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# the commands
+
+def cmd_list(args):
+    for i, (name, title, functions, learns, source) in enumerate(PARTS, 1):
+        print(f"{i:2d}. {name:<20} {title}\n    {', '.join(functions)}\n    {learns}")
+
+
+def cmd_make(args):
+    root = os.path.dirname(os.path.abspath(__file__))
+    out = os.path.abspath(args.out)
+    sol = os.path.abspath(args.solutions) if args.solutions else None
+    if os.path.exists(out) and os.listdir(out):
+        raise ClassroomError(f"--out {args.out}: exists and is not empty; choose a new folder")
+    if sol and (sol + os.sep).startswith(out + os.sep):
+        raise ClassroomError(f"--solutions {args.solutions}: must be outside the student tree {args.out}")
+    parts = [find_part(name) for name in dict.fromkeys(args.parts)]
+    for f in args.tests or []:
+        if not os.path.isfile(os.path.join(root, f)):
+            raise ClassroomError(f"--tests {f}: no such file in {root}")
+    for part in parts:                                  # every name resolves before any test runs
+        for f in part["functions"]:
+            body_lines(*locate(root, f))
+    t0 = time.time()
+    mapping, ran, broken = derive_mapping(root, parts, args.tests, args.jobs)
+    for p in parts:
+        if not mapping[p["name"]]:
+            raise ClassroomError(f"{p['name']}: no test fails when its body is removed (ran: "
+                                 f"{', '.join(ran[p['name']]) or 'no test file imports its module'}), "
+                                 f"so it cannot be graded; choose another function or add a test")
+    if broken:
+        print(f"note: {len(broken)} tests fail on the original code and are not graded: "
+              f"{', '.join(broken)}")
+    copy_tree(root, tracked_files(root), out)
+    for part in parts:
+        stub(out, part)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                            text=True).stdout.strip()
+    record = dict(made_from=commit, points_per_part=POINTS, not_graded=broken,
+                  parts=[dict(name=p["name"], title=p["title"], functions=p["functions"],
+                              tests=mapping[p["name"]]) for p in parts])
+    json.dump(record, open(os.path.join(out, MAPPING), "w"), indent=1)
+    write_assignment(root, out, parts, mapping)
+    if sol:
+        os.makedirs(sol, exist_ok=True)
+        bodies = {p["name"]: original_bodies(root, p["functions"]) for p in parts}
+        json.dump(dict(made_from=commit, bodies=bodies), open(os.path.join(sol, "solutions.json"), "w"),
+                  indent=1)
+    for p in parts:
+        print(f"{p['name']:<20} {len(mapping[p['name']]):3d} tests  "
+              f"{', '.join(sorted({t.split('::')[0] for t in mapping[p['name']]}))}")
+    print(f"wrote {args.out} ({len(parts)} parts, mapping in {MAPPING}, ASSIGNMENT.md)"
+          + (f" and {args.solutions}/solutions.json" if sol else "") + f" in {time.time() - t0:.0f} s")
+
+
+def write_assignment(root, out, parts, mapping):
+    text = ["# Assignment\n",
+            "Implement the functions below in order: each raises `NotImplementedError` now. The "
+            "signature and docstring of each are kept; the docstring is the specification. "
+            "Later parts build on earlier ones, so a failing test may name an earlier part.\n",
+            "Grade yourself at any time: `python classroom.py grade` (all parts) or "
+            "`python classroom.py grade --part NAME`.\n"]
+    for i, part in enumerate(parts, 1):
+        tests = mapping[part["name"]]
+        text.append(f"## {i}. {part['title']} (`{part['name']}`, {POINTS} points)\n")
+        if part["learns"]:
+            text.append(f"You implement and learn: {part['learns']}.\n")
+        if part["source"]:
+            text.append(f"Where it comes from: {part['source']}.\n")
+        for f in part["functions"]:
+            path, node = locate(out, f)
+            text.append(f"### `{f}` ({os.path.relpath(path, out)}, line {node.lineno})\n")
+            doc = ast.get_docstring(node)
+            text.append("```\n" + doc + "\n```\n" if doc else "(no docstring: the part's sentence above "
+                        "and the tests are the specification)\n")
+        files = sorted({t.split("::")[0] for t in tests})
+        shown = ", ".join(f"`{t.split('::', 1)[1]}`" for t in tests[:8]) + (" ..." if len(tests) > 8 else "")
+        text.append(f"Graded by {len(tests)} tests in {', '.join(files)}: {shown}\n\n"
+                    f"    python classroom.py grade --part {part['name']}\n"
+                    + "".join(f"    python -m pytest {f}\n" for f in files))
+    text.append("## Last exercise: see thinking help\n\n"
+                "With every part passing, train the tiny model with your own code:\n\n"
+                "    python train.py\n\n"
+                "Each step prints `nll_base` (the plain next-token loss), `nll_talk` (the loss "
+                "after thinking) and the thoughts' mean reward: the gain from thinking is "
+                "nll_base - nll_talk, and it appears as the mixing head and the thoughts learn. "
+                "`python evaluate.py --ckpt out/ckpt --html thinking.html --text \"...\"` "
+                "then shows, token by token, where thinking helped.\n")
+    open(os.path.join(out, "ASSIGNMENT.md"), "w").write("\n".join(text))
+
+
+def cmd_grade(args):
+    here = os.getcwd()
+    if not os.path.isfile(os.path.join(here, MAPPING)):
+        raise ClassroomError(f"{MAPPING} not found in {here}: run grade inside a folder made by "
+                             f"`python classroom.py make`")
+    record = json.load(open(os.path.join(here, MAPPING)))
+    parts = [p for p in record["parts"] if not args.part or p["name"] in args.part]
+    if not parts:
+        raise ClassroomError(f"--part {args.part}: not in this assignment "
+                             f"({', '.join(p['name'] for p in record['parts'])})")
+    tests = list(dict.fromkeys(t for p in parts for t in p["tests"]))
+    # whole files: a test id of a file that fails to import would stop pytest
+    results = run_tests(here, sorted({t.split("::")[0] for t in tests}), args.timeout)
+    rows = []
+    for p in parts:
+        failing = [(t, outcome(results, t)[1]) for t in p["tests"] if not outcome(results, t)[0]]
+        passed = len(p["tests"]) - len(failing)
+        rows.append(dict(part=p["name"], passed=passed, total=len(p["tests"]),
+                         points=round(POINTS * passed / len(p["tests"]), 1), max_points=POINTS,
+                         failing=[dict(test=t, message=m) for t, m in failing]))
+    summary = dict(parts=rows, passed=sum(r["passed"] for r in rows), total=sum(r["total"] for r in rows),
+                   points=round(sum(r["points"] for r in rows), 1), max_points=POINTS * len(rows))
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{'part':<20} {'tests':>9} {'points':>7}  first failing test: first error line")
+        for r in rows:
+            first = r["failing"][0] if r["failing"] else None
+            note = f"{first['test'].split('::', 1)[1]}: {first['message']}"[:110] if first else ""
+            print(f"{r['part']:<20} {r['passed']:>4}/{r['total']:<4} {r['points']:>7}  {note}")
+        print(f"{'total':<20} {summary['passed']:>4}/{summary['total']:<4} {summary['points']:>7}"
+              f" of {summary['max_points']}")
+    return 0 if summary["passed"] == summary["total"] else 1
+
+
+def cmd_solve(args):
+    path = os.path.join(args.solutions, "solutions.json")
+    if not os.path.isfile(path):
+        raise ClassroomError(f"--solutions {args.solutions}: no solutions.json (written by make --solutions)")
+    bodies = json.load(open(path))["bodies"]
+    for name in args.parts:
+        if name not in bodies:
+            raise ClassroomError(f"{name}: not in {path} (it has {', '.join(bodies)})")
+        replace_bodies(os.getcwd(), {f: (lambda indent, b=b: b) for f, b in bodies[name].items()})
+        print(f"{name}: original bodies restored")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the parts, in reading order")
+    make = sub.add_parser("make", help="write an assignment of the given parts")
+    make.add_argument("parts", nargs="+", help="part names from `list`, or functions like model.apply_rope")
+    make.add_argument("--out", required=True, help="the student folder to create")
+    make.add_argument("--solutions", help="a folder outside --out for the original bodies")
+    make.add_argument("--tests", nargs="+", help="grade with these test files only "
+                      "(default: the test files that import each part's module)")
+    make.add_argument("--jobs", type=int, default=2, help="test runs at once (default 2)")
+    grade = sub.add_parser("grade", help="run the graded tests here and print the points")
+    grade.add_argument("--json", action="store_true", help="print JSON for a course's grader")
+    grade.add_argument("--part", nargs="+", help="grade only these parts")
+    grade.add_argument("--timeout", type=int, default=3600, help="seconds before the tests are stopped")
+    solve = sub.add_parser("solve", help="put the original bodies of parts back (teacher)")
+    solve.add_argument("parts", nargs="+")
+    solve.add_argument("--solutions", required=True, help="the folder given to make --solutions")
+    args = parser.parse_args(argv)
+    try:
+        return dict(list=cmd_list, make=cmd_make, grade=cmd_grade, solve=cmd_solve)[args.command](args) or 0
+    except ClassroomError as e:
+        print(f"classroom: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

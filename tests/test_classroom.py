@@ -1,0 +1,135 @@
+"""classroom.py: an assignment of two small parts made, graded, solved; a part that no test
+catches is refused; every part of the table still names real functions."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import classroom
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = "tests/test_model.py"     # both parts below are graded by this file alone: fast
+
+
+def run(args, cwd, script_dir=None):
+    return subprocess.run([sys.executable, os.path.join(script_dir or cwd, "classroom.py"), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def assignment(tmp_path_factory):
+    base = tmp_path_factory.mktemp("classroom")
+    out, solutions = base / "hw", base / "solutions"
+    done = run(["make", "rmsnorm", "sampling", "--tests", TESTS, "--out", str(out),
+                "--solutions", str(solutions)], ROOT)
+    assert done.returncode == 0, done.stderr
+    return out, solutions, json.load(open(out / "classroom.json"))
+
+
+def functions_of(path):
+    """{qualified name: (signature dump, docstring, source)} of every function in a file."""
+    source = open(path).read()
+    found = {}
+
+    def visit(node, prefix):
+        for x in node.body:
+            if isinstance(x, ast.ClassDef):
+                visit(x, prefix + x.name + ".")
+            elif isinstance(x, ast.FunctionDef):
+                found[prefix + x.name] = (ast.dump(x.args), ast.get_docstring(x),
+                                          ast.get_source_segment(source, x))
+    visit(ast.parse(source), "")
+    return found
+
+
+def test_stubbed_functions_raise_and_the_rest_is_identical(assignment):
+    out, _, _ = assignment
+    ours, theirs = functions_of(os.path.join(ROOT, "model.py")), functions_of(out / "model.py")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name][:2] == theirs[name][:2], name           # signature and docstring kept
+        stubbed = name in ("RMSNorm.forward", "sample")
+        assert (ours[name][2] != theirs[name][2]) == stubbed, name
+    assert "raise NotImplementedError('rmsnorm: " in theirs["RMSNorm.forward"][2]
+    for f in ("tokenizer.py", "quietstar.py", "tests/test_model.py", "tests/conftest.py"):
+        assert open(os.path.join(ROOT, f)).read() == open(out / f).read(), f
+    probe = ("import torch, model\n"
+             "for call in (lambda: model.RMSNorm(4, 1e-5)(torch.ones(4)), "
+             "lambda: model.sample(torch.zeros(1, 3))):\n"
+             "    try: call()\n"
+             "    except NotImplementedError as e: print(str(e).split(':')[0])\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=out, capture_output=True, text=True)
+    assert done.stdout.split() == ["rmsnorm", "sampling"], done.stderr
+
+
+def test_mapping_names_the_tests_that_use_each_part(assignment):
+    _, _, record = assignment
+    tests = {p["name"]: {t.split("::")[1] for t in p["tests"]} for p in record["parts"]}
+    assert [p["name"] for p in record["parts"]] == ["rmsnorm", "sampling"]
+    assert {"test_logits_equal_transformers[hf-layout]", "test_kv_cache_decoding_equals_full_recompute",
+            "test_left_padded_batch_equals_transformers"} <= tests["rmsnorm"]
+    assert tests["sampling"] == {"test_sample_top_k_and_top_p", "test_generate_stops_at_eos",
+                                 "test_generate_is_deterministic_and_batch_independent"}
+    for untouched in ("test_sample_top_k_and_top_p", "test_presets", "test_rope_rotates_pairs_by_position_times_frequency"):
+        assert untouched not in tests["rmsnorm"]
+    assert all(t.startswith(TESTS + "::") for p in record["parts"] for t in p["tests"])
+
+
+def test_grade_fails_exactly_the_mapped_tests_then_full_marks_when_solved(assignment):
+    out, solutions, record = assignment
+    graded = {t for p in record["parts"] for t in p["tests"]}
+    everything = classroom.run_tests(str(out), [TESTS])           # the whole file, graded or not
+    assert {t for t, (ok, _) in everything.items() if not ok} == graded
+
+    # rmsnorm solved, sampling not: grade fails sampling's tests, and of rmsnorm's only those
+    # that need sampling too (generation); its messages name the part to implement
+    assert run(["solve", "rmsnorm", "--solutions", str(solutions)], out).returncode == 0
+    done = run(["grade", "--json"], out)
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    rmsnorm, sampling = (set(p["tests"]) for p in record["parts"])
+    assert {f["test"] for f in report["parts"][0]["failing"]} == rmsnorm & sampling
+    assert {f["test"] for f in report["parts"][1]["failing"]} == sampling
+    assert report["parts"][1]["points"] == 0 and report["max_points"] == 20
+    assert report["parts"][0]["points"] == round(10 * len(rmsnorm - sampling) / len(rmsnorm), 1)
+    assert all(f["message"].startswith("NotImplementedError: sampling: sample:")
+               for p in report["parts"] for f in p["failing"])
+
+    assert run(["solve", "sampling", "--solutions", str(solutions)], out).returncode == 0
+    done = run(["grade"], out)
+    assert done.returncode == 0, done.stdout
+    n = sum(len(p["tests"]) for p in record["parts"])          # a test graded twice counts twice
+    assert done.stdout.splitlines()[-1].split()[1:] == [f"{n}/{n}", "20.0", "of", "20"]
+    assert open(out / "model.py").read() == open(os.path.join(ROOT, "model.py")).read()
+
+
+def test_a_part_no_test_catches_is_refused(tmp_path):
+    done = run(["make", "model.Transformer.flops_per_token", "--tests", "tests/test_tokenizer.py",
+                "--out", str(tmp_path / "hw")], ROOT)
+    assert done.returncode == 2 and "cannot be graded" in done.stderr, done.stderr
+    assert not (tmp_path / "hw").exists()
+
+
+def test_clear_errors(tmp_path):
+    for args, expected in [(["make", "model.no_such_function"], "model.py has no no_such_function"),
+                           (["make", "nonsense"], "nonsense: not a part"),
+                           (["make", "rope", "--solutions", str(tmp_path / "hw" / "s")], "must be outside")]:
+        done = run(args + ["--out", str(tmp_path / "hw")], ROOT)
+        assert done.returncode == 2 and expected in done.stderr, (args, done.stderr)
+        assert not (tmp_path / "hw").exists()
+    done = run(["grade"], str(tmp_path), script_dir=ROOT)           # not an assignment folder
+    assert done.returncode == 2 and "classroom.json not found" in done.stderr
+
+
+def test_every_part_names_functions_that_exist():
+    """The code under the parts changes; a renamed function must fail here, not in a classroom."""
+    listed = subprocess.run([sys.executable, "classroom.py", "list"], cwd=ROOT, capture_output=True,
+                            text=True).stdout
+    assert [line.split()[1] for line in listed.splitlines() if line[:3].strip().rstrip(".").isdigit()] == \
+        [p[0] for p in classroom.PARTS]
+    for name, *_ in classroom.PARTS:
+        for f in classroom.find_part(name)["functions"]:
+            classroom.body_lines(*classroom.locate(ROOT, f))
