@@ -209,11 +209,8 @@ def top_imports(path):
 
 
 def test_files_for(root, modules):
-    """tests/test_*.py files that import one of modules at their top level, or a module of
-    the repository that does (quietstar.py imports quietstar_ops: its tests exercise both)."""
+    """tests/test_*.py files that import one of modules at their top level."""
     modules = set(modules)
-    modules |= {f[:-3] for f in os.listdir(root) if f.endswith(".py")
-                and top_imports(os.path.join(root, f)) & modules}
     found = []
     for name in sorted(os.listdir(os.path.join(root, "tests"))):
         if name.startswith("test_") and name.endswith(".py") and \
