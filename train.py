@@ -457,6 +457,9 @@ def main(argv):
     n_params = sum(p.numel() for p in model.parameters()) * (world_size if fsdp else 1)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+    from estimate import step_flops     # the one FLOP count, shared with estimate.py (sampling: forward only)
+    args = (model.model if isinstance(model, QuietStar) else model).args
+    flops_per_step = step_flops(args, quietstar_config(cfg), cfg.docs_per_step, cfg.seq_len, cfg.mode)
     wandb = None
     if master and cfg.wandb_project:
         import wandb
@@ -512,7 +515,7 @@ def main(argv):
 
         if master and (step % cfg.log_interval == 0 or done == cfg.max_steps):
             tokens_per_s = processed * world_size / dt
-            mfu = 6 * n_params * tokens_per_s / (peak_flops * world_size) if peak_flops else None
+            mfu = flops_per_step / dt / (peak_flops * world_size) if peak_flops else None
             peak_mem = torch.cuda.max_memory_allocated() if device.startswith("cuda") else \
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
             eta = (time.time() - t_start) / (done - start_step) * (cfg.max_steps - done)

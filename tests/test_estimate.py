@@ -34,7 +34,8 @@ def kib(field):
 
 cfg, _ = estimate.parse_args(sys.argv[1:])
 torch.manual_seed(0)
-model = train.load_model(cfg, "scratch", 0, "cpu", False)
+from tokenizer import load_tokenizer
+model = train.load_model(cfg, "scratch", 0, "cpu", False, load_tokenizer())
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=False, foreach=False)
 for p in model.parameters():
     p.grad = torch.zeros_like(p)
