@@ -151,7 +151,7 @@ def talk_targets(tokens, valid, n_talk):
     """Talk step s after position i predicts x_{i+1+s}: -> targets (B, L, T) and whether each
     is a real token (B, L, T) (beyond the text or at padding: False)."""
     L = tokens.shape[1]
-    index = torch.arange(L, device=tokens.device)[:, None] + 1 + torch.arange(n_talk, device=tokens.device)
+    index = torch.arange(L, device=tokens.device)[:, None] + 1 + torch.arange(n_talk, device=tokens.device)  # (L, T)
     return F.pad(tokens, (0, n_talk + 1))[:, index], F.pad(valid, (0, n_talk + 1))[:, index]
 
 
@@ -223,8 +223,8 @@ def quietstar_loss(out, tokens, thoughts, valid, config):
     metrics = dict(loss=loss, nll_base=nll_base, nll_talk=nll_talk, policy_loss=policy_loss,
                    reward_mean=reward.mean(), reward_max=reward.max(),
                    advantage_positive_frac=(advantage > 0).float().mean(),
-                   mix_weight_mean=w.nanmean(), mix_weight_min=w.nan_to_num(torch.inf).min(),
-                   mix_weight_max=w.nan_to_num(-torch.inf).max())
+                   mix_weight_mean=w.nanmean(), mix_weight_min=w.nan_to_num(nan=torch.inf).min(),
+                   mix_weight_max=w.nan_to_num(nan=-torch.inf).max())
     return loss, metrics_to_floats(metrics)
 
 
