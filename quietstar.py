@@ -78,8 +78,8 @@ import torch.nn.functional as F
 
 from model import Transformer, all_done, attention_mask, left_pad, load_checkpoint, rope_cos_sin, sample, \
     save_hf_checkpoint, trim_at_eos
-from quietstar_ops import chunked_thought_attention, joint_flex_attention, metrics_to_floats, \
-    sample_by_inverse_cdf, thought_attention, token_nll
+from quietstar_ops import chunked_thought_attention, joint_block_mask, joint_flex_attention, \
+    metrics_to_floats, sample_by_inverse_cdf, thought_attention, token_nll
 
 
 @dataclass
@@ -100,6 +100,43 @@ class QuietStarConfig:
     def branch_len(self):
         """Tokens in one position's branch: <start>, the thought, <end>, n_talk - 1 true tokens."""
         return self.n_thought_tokens + self.n_talk + 1
+
+
+def step_flops(model_args, quietstar_config, docs, seq_len, mode="quietstar"):
+    """
+    Model FLOPs of one optimizer step over `docs` documents of seq_len tokens (all processes
+    together; activation-checkpointing recompute not counted), for train.py's MFU and
+    estimate.py. A matmul of (m, k) by (k, n) is 2mkn. Tokens that are trained cost 3x their
+    forward (forward, and backward to inputs and to weights); thought sampling runs without
+    gradient, so it costs its forward only.
+    Attention counts the query-key pairs that are visible (causal text; each branch token sees
+    the text up to its position within the window, and its own branch so far): 4 * head_dim
+    * n_heads per pair (scores and weighted sum).
+    """
+    a, L = model_args, seq_len
+    block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim
+    per_token = 2 * a.n_layers * block                          # forward, through every block
+    logits = 2 * a.dim * a.vocab_size                           # forward, one output-layer row
+    pair = 4 * a.n_layers * a.n_heads * a.head_dim              # forward, one visible q-k pair
+    window = a.sliding_window or L
+    seen = [min(i + 1, window) for i in range(L)]               # text keys of text token i
+    text_pairs = sum(seen)
+    if mode == "lm":
+        return docs * 3 * (L * (per_token + logits) + text_pairs * pair)
+    c = quietstar_config
+    P, N, T, M = c.n_thoughts, c.n_thought_tokens, c.n_talk, c.branch_len
+    # sampling: the text once, then N steps of one token per (thought, position); token k of
+    # a branch sees the text up to its position and the k+1 branch tokens up to itself
+    sample = L * per_token + text_pairs * pair + P * L * N * (per_token + logits) \
+        + P * N * text_pairs * pair + P * L * (N * (N + 1) // 2) * pair
+    # training forward: the text once; every branch of M tokens; the output layer over the
+    # L-1 text rows that have a next token, and the N thought rows and T talk rows of every
+    # branch; the mixing head (2d->d, d->d, d->1) over every talk row
+    mixing = 2 * (2 * a.dim * a.dim + a.dim * a.dim + a.dim)
+    train_forward = L * per_token + text_pairs * pair + P * L * M * per_token \
+        + P * M * text_pairs * pair + P * L * (M * (M + 1) // 2) * pair \
+        + (L - 1 + P * L * (N + T)) * logits + P * L * T * mixing
+    return docs * (sample + 3 * train_forward)
 
 
 # names of the extra tensors in the released Quiet-STaR checkpoints (ezelikman/quietstar-8-ahead)
@@ -395,7 +432,8 @@ class QuietStar(nn.Module):
         L, window = valid.shape[1], self.model.args.sliding_window
         impl = self.attention_impl or ("flex" if valid.is_cuda else "chunked")
         if impl == "flex":
-            return lambda q, k, v: joint_flex_attention(q, k, v, valid, M, window)
+            mask = joint_block_mask(valid, M, L + C * M, window)       # once for every block
+            return lambda q, k, v: joint_flex_attention(q, k, v, mask)
         text_mask = attention_mask(0, L, valid, window, valid.device)            # (B, 1, L, L)
         text_visible = text_mask[:, 0]                                            # (B, L, L)
 
