@@ -30,13 +30,15 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2 ** 26
 
 
-def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible):
+def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible, branch_visible=None):
     """
     Attention for the thought branches of C positions at once.
     q:                (R, H, C, Mq, D)   the newest Mq branch tokens of each position
     k_text, v_text:   (R, Hkv, S, D)     keys/values of the text, shared by all branches
     k_branch, v_branch: (R, Hkv, C, Mk, D) every branch token so far (the queries are the last Mq)
     text_visible:     bool (R or 1, C, S) which text tokens position c's branch may see
+    branch_visible:   bool (Mq, Mk) which branch keys each query sees; default causal, the
+                      queries being the last Mq
     Returns (R, H, C, Mq, D). Scores against text and against the branch share one softmax,
     so this equals attention over [visible text ; own branch] done one position at a time.
     """
@@ -45,8 +47,9 @@ def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible):
     q = q.view(R, Hkv, H // Hkv, C, Mq, D) * D ** -0.5                # query heads grouped per k/v head
     text_scores = torch.einsum("rkgcmd,rksd->rkgcms", q, k_text)       # (R, Hkv, G, C, Mq, S)
     branch_scores = torch.einsum("rkgcmd,rkcnd->rkgcmn", q, k_branch)  # (R, Hkv, G, C, Mq, Mk)
-    query_index = torch.arange(Mk - Mq, Mk, device=q.device)[:, None]   # (Mq, 1)
-    branch_visible = torch.arange(Mk, device=q.device) <= query_index    # (Mq, Mk) causal
+    if branch_visible is None:
+        query_index = torch.arange(Mk - Mq, Mk, device=q.device)[:, None]   # (Mq, 1)
+        branch_visible = torch.arange(Mk, device=q.device) <= query_index    # (Mq, Mk) causal
     scores = torch.cat([
         text_scores.float().masked_fill(~text_visible[:, None, None, :, None, :], -torch.inf),
         branch_scores.float().masked_fill(~branch_visible, -torch.inf)], dim=-1)
