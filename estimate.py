@@ -229,10 +229,13 @@ def real_step(cfg, args):
     """
     The step fake_step runs, on real CPU tensors (random weights; one process). -> bytes by
     which the resident set's high-water mark rose over the step, i.e. its peak above the
-    weights and AdamW state held before it: what fake_step's total - held estimates. Needs
+    weights and AdamW state held before it (what fake_step's total - held estimates), and the
+    same peak of the live tensors (counted by the tracker fake_step uses, on real ones). Needs
     Linux's /proc, and glibc's malloc returning freed blocks at once (main sets its mmap
     threshold), so that the resident set follows the live tensors.
     """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
     def status(field):
         for line in open("/proc/self/status"):
             if line.startswith(field):
@@ -252,18 +255,23 @@ def real_step(cfg, args):
     optimizer.zero_grad(set_to_none=True)
     n_micro = cfg.docs_per_step // cfg.micro_batch_size
     B, L = cfg.micro_batch_size, cfg.seq_len
+    tracker = peak_only(MemTracker)()       # the live tensors too, as fake_step counts them
+    tracker.track_external(model, optimizer)
+    step = MicroStep(model, cfg, False)
     open("/proc/self/clear_refs", "w").write("5")    # resets VmHWM to the resident set now
     before = status("VmRSS")
-    for m in range(n_micro):
-        tokens = torch.randint(3, 32000, (B, L))
-        loss, _, _ = train.micro_step(model, model, tokens, torch.ones(B, L, dtype=torch.bool),
-                                      list(range(m * B, (m + 1) * B)), cfg, 0,
-                                      train.autocast_context("cpu", cfg, False))
-        (loss / n_micro).backward()
-    train.clip_gradients(model, cfg.grad_clip, False)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return status("VmHWM") - before
+    with tracker:
+        held = tracker.get_tracker_snapshot()
+        for m in range(n_micro):
+            tokens = torch.randint(3, 32000, (B, L))
+            loss, _, _ = step(tokens, torch.ones(B, L, dtype=torch.bool), list(range(m * B, (m + 1) * B)))
+            (loss / n_micro).backward()
+            tracker.reset_mod_stats()
+        train.clip_gradients(model, cfg.grad_clip, False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    total = lambda snapshot: sum(s["Total"] for s in snapshot.values())
+    return status("VmHWM") - before, total(tracker.get_tracker_snapshot("peak")) - total(held)
 
 
 def fake_step(cfg, args, gpus):
@@ -420,10 +428,13 @@ def main(argv):
           f"{opt['mfu']:g} (model FLOPs / (GPUs x peak x MFU))")
     if opt["real"]:
         t1 = time.time()
-        real = real_step(cfg, model_args_of(cfg, opt["n_layers"]))
+        real, live = real_step(cfg, model_args_of(cfg, opt["n_layers"]))
         grew = r["total"] - r["held"]
         print(f"real CPU step: {real / GiB:.3f} GiB above the weights and AdamW state, estimated "
-              f"{grew / GiB:.3f} GiB ({grew / real - 1:+.1%}; measured in {time.time() - t1:.0f} s)")
+              f"{grew / GiB:.3f} GiB ({grew / real - 1:+.1%}); its live tensors {live / GiB:.3f} GiB "
+              f"({grew / live - 1:+.1%}); the peak with them {(r['held'] + real) / GiB:.2f} GiB, "
+              f"estimated {r['total'] / GiB:.2f} GiB ({r['total'] / (r['held'] + real) - 1:+.1%}); "
+              f"measured in {time.time() - t1:.0f} s")
     print(f"not modelled: allocator fragmentation, CUDA context, NCCL buffers, CUDA vs CPU SDPA "
           f"backend and autocast differences (estimated in {time.time() - t0:.0f} s on fake tensors)")
 
