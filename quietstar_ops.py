@@ -135,7 +135,7 @@ _compiled_flex = None
 def flex_kernel(device):
     """flex_attention compiled (a fused flash-style kernel, blocks of the mask that are all
     False skipped, no score matrix kept) on CUDA; elsewhere eager: slow, and without backward
-    on the CPU (a check, not a path; tests compile it with backend="aot_eager" instead)."""
+    on the CPU (a check, not a path; the tests run its backward past that front-end check)."""
     from torch.nn.attention.flex_attention import flex_attention
     global _compiled_flex
     if device.type != "cuda":
