@@ -22,7 +22,7 @@ or --init_from=DIR say otherwise; compute in bfloat16 unless --dtype says otherw
     --real              also run the step on real CPU tensors (random weights; one process)
                         and print how much memory it took beside the estimate, e.g.
                         --n_layers=2 --seq_len=32 --docs_per_step=1 --pure_bf16=True
-                        (Mistral's width, ~8 GB of RAM, a minute)
+                        (Mistral's width: ~7 GB of RAM, ~3 minutes)
 
 How: it runs ONE real training step of that config, with train.py's own pieces (the model,
 activation checkpointing and FSDP2 sharding of train.py, sample_thoughts, the forward,

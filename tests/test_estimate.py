@@ -45,17 +45,13 @@ def test_peak_memory_matches_a_real_cpu_step(checkpointing):
 
 
 def test_checkpointed_step_frees_what_it_recomputed():
-    """After the step only the weights and AdamW state are left, with checkpointing too. Counted
-    with FlopCounterMode's module tracker, the blocks recomputed in the backward stayed alive to
+    """After a checkpointed step only the weights and AdamW state are left. Counted with
+    FlopCounterMode's module tracker, the blocks recomputed in the backward stayed alive to
     the end of the step (+47% here) and every "checkpointing on" estimate carried them."""
-    for checkpointing in (False, True):
-        cfg, _ = estimate.parse_args([PAPER, "--preset=tiny", "--dtype=float32", "--seq_len=48",
-                                      "--docs_per_step=2", f"--activation_checkpointing={checkpointing}"])
-        r = estimate.estimate(cfg, 1)
-        assert r["left"] - r["held"] < 2 ** 20, (checkpointing, r["left"] - r["held"])    # a few scalars
-        if checkpointing:
-            assert r["total"] < without["total"]
-        without = r
+    cfg, _ = estimate.parse_args([PAPER, "--preset=tiny", "--dtype=float32", "--seq_len=48",
+                                  "--docs_per_step=2", "--activation_checkpointing=True"])
+    r = estimate.estimate(cfg, 1)
+    assert r["left"] - r["held"] < 2 ** 20, r["left"] - r["held"]        # a few scalars
 
 
 @pytest.mark.parametrize("mode", ["quietstar", "lm"])
