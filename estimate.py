@@ -1,6 +1,9 @@
 """
 Will it fit? Peak GPU memory, FLOPs and step time of one training step, before renting GPUs.
 
+usage: python estimate.py [CONFIG.py ...] [--name=value ...] [--gpus N] [--gpu_memory GiB]
+                          [--peak_tflops T] [--mfu F] [--quick] [--n_layers K] [--table] [--real]
+
     python estimate.py config/quietstar_mistral7b.py --gpus 8 --gpu_memory 80
     python estimate.py config/quietstar_mistral7b.py --gpus 1 --gpu_memory 141 --pure_bf16=True
     python estimate.py config/quietstar_mistral7b.py --gpus 2 --activation_checkpointing=False
@@ -16,6 +19,10 @@ or --init_from=DIR say otherwise; compute in bfloat16 unless --dtype says otherw
     --n_layers K        build only K transformer blocks (a quick check of the method)
     --table             docs/gpu.md's table for this config: 1/2/4/8 GPUs, fp32 or bf16
                         weights, checkpointing off/on (all with --quick; ~10 minutes at 7B)
+    --real              also run the step on real CPU tensors (random weights; one process)
+                        and print how much memory it took beside the estimate, e.g.
+                        --n_layers=2 --seq_len=32 --docs_per_step=1 --pure_bf16=True
+                        (Mistral's width: ~7 GB of RAM, ~3 minutes)
 
 How: it runs ONE real training step of that config, with train.py's own pieces (the model,
 activation checkpointing and FSDP2 sharding of train.py, sample_thoughts, the forward,
@@ -23,7 +30,8 @@ quietstar_loss, backward, gradient clipping, AdamW, gradient accumulation over m
 on fake tensors (FakeTensorMode: shapes and dtypes, no data) and, for N > 1, a fake process
 group of N ranks. torch.distributed._tools' MemTracker / FSDPMemTracker follow every tensor
 the step allocates and frees and report the peak of one GPU (rank 0) by kind;
-FlopCounterMode counts the FLOPs of every matmul and attention.
+FlopCounterMode counts the FLOPs of every matmul and attention (without its module tracker,
+see flop_counter).
 
 What it does not model (add a margin for them): allocator caching and fragmentation, the CUDA
 context (~0.5-1 GiB), NCCL buffers, cuBLAS/flash-attention workspaces, and the differences
@@ -39,7 +47,6 @@ import os
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import replace
 from unittest.mock import patch
 
@@ -52,51 +59,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import train
 from cli import make_settings, read_overrides
 from model import ModelArgs, Transformer, read_config
-from quietstar import QuietStar
+from quietstar import QuietStar, step_flops
 
 OPTIONS = {"gpus": int, "gpu_memory": float, "peak_tflops": float, "mfu": float, "n_layers": int}
-DEFAULTS = {"gpus": 1, "gpu_memory": 80.0, "peak_tflops": 989.0, "mfu": 0.4, "n_layers": 0, "quick": False}
+DEFAULTS = {"gpus": 1, "gpu_memory": 80.0, "peak_tflops": 989.0, "mfu": 0.4, "n_layers": 0, "quick": False,
+            "real": False}
 GiB = 2 ** 30
 MARGIN = 3.0   # GiB a GPU needs beyond the tensors: CUDA context, NCCL, allocator slack
-
-
-# -----------------------------------------------------------------------------
-# the analytic FLOP count, shared with train.py's MFU
-
-def step_flops(model_args, quietstar_config, docs, seq_len, mode="quietstar"):
-    """
-    Model FLOPs of one optimizer step over `docs` documents of seq_len tokens (all processes
-    together; activation-checkpointing recompute not counted). A matmul of (m, k) by (k, n)
-    is 2mkn. Tokens that are trained cost 3x their forward (forward, and backward to inputs
-    and to weights); thought sampling runs without gradient, so it costs its forward only.
-    Attention counts the query-key pairs that are visible (causal text; each branch token sees
-    the text up to its position within the window, and its own branch so far): 4 * head_dim
-    * n_heads per pair (scores and weighted sum).
-    """
-    a, L = model_args, seq_len
-    block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim
-    per_token = 2 * a.n_layers * block                          # forward, through every block
-    logits = 2 * a.dim * a.vocab_size                           # forward, one output-layer row
-    pair = 4 * a.n_layers * a.n_heads * a.head_dim              # forward, one visible q-k pair
-    window = a.sliding_window or L
-    seen = [min(i + 1, window) for i in range(L)]               # text keys of text token i
-    text_pairs = sum(seen)
-    if mode == "lm":
-        return docs * 3 * (L * (per_token + logits) + text_pairs * pair)
-    c = quietstar_config
-    P, N, T, M = c.n_thoughts, c.n_thought_tokens, c.n_talk, c.branch_len
-    # sampling: the text once, then N steps of one token per (thought, position); token k of
-    # a branch sees the text up to its position and the k+1 branch tokens up to itself
-    sample = L * per_token + text_pairs * pair + P * L * N * (per_token + logits) \
-        + P * N * text_pairs * pair + P * L * (N * (N + 1) // 2) * pair
-    # training forward: the text once; every branch of M tokens; the output layer over the
-    # L-1 text rows that have a next token, and the N thought rows and T talk rows of every
-    # branch; the mixing head (2d->d, d->d, d->1) over every talk row
-    mixing = 2 * (2 * a.dim * a.dim + a.dim * a.dim + a.dim)
-    train_forward = L * per_token + text_pairs * pair + P * L * M * per_token \
-        + P * M * text_pairs * pair + P * L * (M * (M + 1) // 2) * pair \
-        + (L - 1 + P * L * (N + T)) * logits + P * L * T * mixing
-    return docs * (sample + 3 * train_forward)
 
 
 # -----------------------------------------------------------------------------
@@ -107,8 +76,8 @@ def parse_args(argv):
     options, rest, i = dict(DEFAULTS), [], 0
     while i < len(argv):
         name = argv[i][2:].split("=", 1)[0] if argv[i].startswith("--") else None
-        if argv[i] in ("--quick", "--quick=True"):
-            options["quick"] = True
+        if argv[i] in ("--quick", "--quick=True", "--real", "--real=True"):
+            options[name] = True
         elif name in OPTIONS:
             if "=" in argv[i]:
                 text = argv[i].split("=", 1)[1]
@@ -187,16 +156,34 @@ def peak_only(tracker_class):
     return type(tracker_class.__name__, (tracker_class,), {"_update_peak_stats": _update_peak_stats})
 
 
+def flop_counter():
+    """FlopCounterMode without its module tracker. The tracker hooks the inputs and outputs of
+    every module call for gradients, and under activation checkpointing the blocks are called
+    again in the backward: those hooks then keep each recomputed block's graph, with its saved
+    activations, alive until the counter exits (the end of the step). Counted with it, a
+    checkpointed step held every recomputed block at once (1 GPU, 7B, pure bf16: 93.5 GiB
+    instead of 58.4). Only the total is needed here, so every op counts towards "Global"."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    class Untracked:                     # FlopCounterMode reads .parents and enters/exits it
+        parents = {"Global"}
+        __enter__ = __exit__ = lambda self, *args: None
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = Untracked()
+    return counter
+
+
 class MicroStep(nn.Module):
     """One micro-batch (sampling, forward, loss) as one module call: the memory trackers accept
     a module called once per iteration, and the blocks run many times inside it."""
 
-    def __init__(self, model, cfg):
+    def __init__(self, model, cfg, fsdp):
         super().__init__()
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.fsdp = model, cfg, fsdp
 
     def forward(self, tokens, valid, doc_ids):
-        return train.micro_step(self.model, self.model, tokens, valid, doc_ids, self.cfg, 0)
+        autocast = train.autocast_context("cpu", self.cfg, self.fsdp)     # CPU's stands in for CUDA's
+        return train.micro_step(self.model, self.model, tokens, valid, doc_ids, self.cfg, 0, autocast)
 
 
 def meta_model(cfg, args):
@@ -238,6 +225,55 @@ def materialise(model, cfg, fsdp, mesh):
     return model, optimizer
 
 
+def real_step(cfg, args):
+    """
+    The step fake_step runs, on real CPU tensors (random weights; one process). -> bytes by
+    which the resident set's high-water mark rose over the step, i.e. its peak above the
+    weights and AdamW state held before it (what fake_step's total - held estimates), and the
+    same peak of the live tensors (counted by the tracker fake_step uses, on real ones). Needs
+    Linux's /proc, and glibc's malloc returning freed blocks at once (main sets its mmap
+    threshold), so that the resident set follows the live tensors.
+    """
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    def status(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    torch.manual_seed(cfg.seed)
+    model = meta_model(cfg, args)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02)
+    if isinstance(model, QuietStar):
+        model.init_thought_parameters()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=False, foreach=False)
+    for p in model.parameters():                      # AdamW's state, as a running job holds it
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    n_micro = cfg.docs_per_step // cfg.micro_batch_size
+    B, L = cfg.micro_batch_size, cfg.seq_len
+    tracker = peak_only(MemTracker)()       # the live tensors too, as fake_step counts them
+    tracker.track_external(model, optimizer)
+    step = MicroStep(model, cfg, False)
+    open("/proc/self/clear_refs", "w").write("5")    # resets VmHWM to the resident set now
+    before = status("VmRSS")
+    with tracker:
+        held = tracker.get_tracker_snapshot()
+        for m in range(n_micro):
+            tokens = torch.randint(3, 32000, (B, L))
+            loss, _, _ = step(tokens, torch.ones(B, L, dtype=torch.bool), list(range(m * B, (m + 1) * B)))
+            (loss / n_micro).backward()
+            tracker.reset_mod_stats()
+        train.clip_gradients(model, cfg.grad_clip, False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    total = lambda snapshot: sum(s["Total"] for s in snapshot.values())
+    return status("VmHWM") - before, total(tracker.get_tracker_snapshot("peak")) - total(held)
+
+
 def fake_step(cfg, args, gpus):
     """
     Run one optimizer step on fake tensors, as rank 0 of `gpus` processes.
@@ -247,7 +283,6 @@ def fake_step(cfg, args, gpus):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
-    from torch.utils.flop_counter import FlopCounterMode
     fsdp = cfg.fsdp and gpus > 1
     if cfg.docs_per_step % (cfg.micro_batch_size * gpus):
         raise SystemExit(f"docs_per_step={cfg.docs_per_step} must be a multiple of "
@@ -266,10 +301,8 @@ def fake_step(cfg, args, gpus):
             else:
                 tracker = peak_only(MemTracker)()
                 tracker.track_external(model, optimizer)
-            step = MicroStep(model, cfg)
-            autocast = torch.autocast("cpu", dtype=torch.bfloat16) \
-                if cfg.dtype == "bfloat16" and not cfg.pure_bf16 and not fsdp else nullcontext()
-            flops = FlopCounterMode(display=False)
+            step = MicroStep(model, cfg, fsdp)
+            flops = flop_counter()
             # micro-batches after the second are alike (gradients already held, no sync), so
             # run the first, the second and (FSDP: it reduce-scatters) the last; FLOPs and
             # tokens are scaled to all of them
@@ -283,14 +316,14 @@ def fake_step(cfg, args, gpus):
                     B, L = cfg.micro_batch_size, cfg.seq_len
                     tokens = torch.randint(0, 32000, (B, L))
                     valid = torch.ones(B, L, dtype=torch.bool)
-                    with autocast:
-                        loss, _, n = step(tokens, valid, list(range(B)))
+                    loss, _, n = step(tokens, valid, list(range(B)))
                     (loss / n_micro).backward()
                     processed += n
                     tracker.reset_mod_stats()              # the next micro-batch calls it again
                 train.clip_gradients(model, cfg.grad_clip, fsdp)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                left = tracker.get_tracker_snapshot()      # at the step's end: as at its start
             peak = max(tracker.get_tracker_snapshot("peak").values(), key=lambda s: s["Total"])
     finally:
         if fsdp:
@@ -305,7 +338,8 @@ def fake_step(cfg, args, gpus):
         buckets = sum(p.numel() * p.element_size() for p in model.parameters())
         grads, total = grads + buckets, total + buckets
     held = sum(s["Total"] for s in held.values())
-    return dict(total=total, held=held, parameters=params, gradients=grads, optimizer=opt,
+    left = sum(s["Total"] for s in left.values())
+    return dict(total=total, held=held, left=left, parameters=params, gradients=grads, optimizer=opt,
                 activations=total - params - grads - opt,
                 n_micro=n_micro, processed=processed * n_micro // len(run),
                 flops=flops.get_total_flops() * n_micro / len(run))
@@ -361,6 +395,12 @@ def main(argv):
         return table([a for a in argv if a != "--table"])
     cfg, opt = parse_args(argv)
     gpus = opt["gpus"]
+    if opt["real"]:
+        if gpus > 1 or not os.path.exists("/proc/self/clear_refs"):
+            raise SystemExit("--real: one process (--gpus 1) on Linux only")
+        if "MALLOC_MMAP_THRESHOLD_" not in os.environ:    # freed tensors go back to the system
+            os.execve(sys.executable, [sys.executable] + sys.argv,
+                      {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     t0 = time.time()
     r = estimate(cfg, gpus, opt["n_layers"], opt["quick"])
     fsdp = cfg.fsdp and gpus > 1
@@ -386,6 +426,15 @@ def main(argv):
     seconds = r["model_flops"] / (gpus * opt["peak_tflops"] * 1e12 * opt["mfu"])
     print(f"step time: {seconds:.2f} s at {opt['peak_tflops']:g} TFLOP/s per GPU and MFU "
           f"{opt['mfu']:g} (model FLOPs / (GPUs x peak x MFU))")
+    if opt["real"]:
+        t1 = time.time()
+        real, live = real_step(cfg, model_args_of(cfg, opt["n_layers"]))
+        grew = r["total"] - r["held"]
+        print(f"real CPU step: {real / GiB:.3f} GiB above the weights and AdamW state, estimated "
+              f"{grew / GiB:.3f} GiB ({grew / real - 1:+.1%}); its live tensors {live / GiB:.3f} GiB "
+              f"({grew / live - 1:+.1%}); the peak with them {(r['held'] + real) / GiB:.2f} GiB, "
+              f"estimated {r['total'] / GiB:.2f} GiB ({r['total'] / (r['held'] + real) - 1:+.1%}); "
+              f"measured in {time.time() - t1:.0f} s")
     print(f"not modelled: allocator fragmentation, CUDA context, NCCL buffers, CUDA vs CPU SDPA "
           f"backend and autocast differences (estimated in {time.time() - t0:.0f} s on fake tensors)")
 

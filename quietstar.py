@@ -78,8 +78,8 @@ import torch.nn.functional as F
 
 from model import Transformer, all_done, attention_mask, left_pad, load_checkpoint, rope_cos_sin, sample, \
     save_hf_checkpoint, trim_at_eos
-from quietstar_ops import chunked_thought_attention, joint_flex_attention, metrics_to_floats, \
-    sample_by_inverse_cdf, thought_attention, token_nll
+from quietstar_ops import chunked_thought_attention, joint_block_mask, joint_flex_attention, \
+    metrics_to_floats, sample_by_inverse_cdf, thought_attention, token_nll
 
 
 @dataclass
@@ -102,6 +102,43 @@ class QuietStarConfig:
         return self.n_thought_tokens + self.n_talk + 1
 
 
+def step_flops(model_args, quietstar_config, docs, seq_len, mode="quietstar"):
+    """
+    Model FLOPs of one optimizer step over `docs` documents of seq_len tokens (all processes
+    together; activation-checkpointing recompute not counted), for train.py's MFU and
+    estimate.py. A matmul of (m, k) by (k, n) is 2mkn. Tokens that are trained cost 3x their
+    forward (forward, and backward to inputs and to weights); thought sampling runs without
+    gradient, so it costs its forward only.
+    Attention counts the query-key pairs that are visible (causal text; each branch token sees
+    the text up to its position within the window, and its own branch so far): 4 * head_dim
+    * n_heads per pair (scores and weighted sum).
+    """
+    a, L = model_args, seq_len
+    block = a.dim * a.head_dim * (2 * a.n_heads + 2 * a.n_kv_heads) + 3 * a.dim * a.hidden_dim
+    per_token = 2 * a.n_layers * block                          # forward, through every block
+    logits = 2 * a.dim * a.vocab_size                           # forward, one output-layer row
+    pair = 4 * a.n_layers * a.n_heads * a.head_dim              # forward, one visible q-k pair
+    window = a.sliding_window or L
+    seen = [min(i + 1, window) for i in range(L)]               # text keys of text token i
+    text_pairs = sum(seen)
+    if mode == "lm":
+        return docs * 3 * (L * (per_token + logits) + text_pairs * pair)
+    c = quietstar_config
+    P, N, T, M = c.n_thoughts, c.n_thought_tokens, c.n_talk, c.branch_len
+    # sampling: the text once, then N steps of one token per (thought, position); token k of
+    # a branch sees the text up to its position and the k+1 branch tokens up to itself
+    sample = L * per_token + text_pairs * pair + P * L * N * (per_token + logits) \
+        + P * N * text_pairs * pair + P * L * (N * (N + 1) // 2) * pair
+    # training forward: the text once; every branch of M tokens; the output layer over the
+    # L-1 text rows that have a next token, and the N thought rows and T talk rows of every
+    # branch; the mixing head (2d->d, d->d, d->1) over every talk row
+    mixing = 2 * (2 * a.dim * a.dim + a.dim * a.dim + a.dim)
+    train_forward = L * per_token + text_pairs * pair + P * L * M * per_token \
+        + P * M * text_pairs * pair + P * L * (M * (M + 1) // 2) * pair \
+        + (L - 1 + P * L * (N + T)) * logits + P * L * T * mixing
+    return docs * (sample + 3 * train_forward)
+
+
 # names of the extra tensors in the released Quiet-STaR checkpoints (ezelikman/quietstar-8-ahead)
 RELEASED_NAMES = {"start_embedding": "start_embedding", "end_embedding": "end_embedding",
                   "talk_head.0.0.weight": "mixing_head.0.weight", "talk_head.0.0.bias": "mixing_head.0.bias",
@@ -116,6 +153,27 @@ class KVRecorder:
     def update(self, start, k, v):
         self.k, self.v = k, v
         return k, v
+
+
+class BranchCache:
+    """Keys and values of a branch's tokens so far, per layer, in buffers of n_tokens slots
+    written one step at a time. The step is a tensor and the shapes never change, so that a
+    compiled block runs one graph at every step and layer (growing tensors recompiled it at
+    every step, past torch.compile's limit, and back to eager)."""
+
+    def __init__(self, n_tokens):
+        self.n_tokens, self.step, self.kv = n_tokens, None, {}
+
+    def next_step(self, device):
+        """-> the slot of the token now run, a 0-d long tensor (0, 1, ...)."""
+        self.step = torch.zeros((), dtype=torch.long, device=device) if self.step is None else self.step + 1
+        return self.step
+
+    def buffers(self, layer, shape, like):
+        """-> (k, v) buffers (*shape, n_tokens, D) of a layer, made at its first step."""
+        if layer not in self.kv:
+            self.kv[layer] = tuple(like.new_zeros(*shape, self.n_tokens, like.shape[-1]) for _ in "kv")
+        return self.kv[layer]
 
 
 @dataclass
@@ -279,33 +337,34 @@ class QuietStar(nn.Module):
             self.model.clear_cache()
         return h, [(r.k, r.v) for r in recorders]
 
-    def _branch_pass(self, x, positions, text_kv, text_visible, branch_kv=None):
+    def _branch_pass(self, x, positions, text_kv, text_visible, branch_kv):
         """
-        Run the newest Mq tokens of every position's branch through the model.
-        x (R, C, Mq, d) input embeddings; positions (C, Mq) or (R, C, Mq) rotary positions;
+        Run the next token of every position's branch through the model (sampling, thinking).
+        x (R, C, 1, d) input embeddings; positions (C, 1) or (R, C, 1) rotary positions;
         text_kv: per layer (k, v) of the text, (R, Hkv, S, D); text_visible (R or 1, C, S);
-        branch_kv: per-layer list of earlier branch (k, v), (R, Hkv, C, Mk, D), extended in
-        place, or None when the whole branch is given at once.
-        Returns final-normed hidden states (R, C, Mq, d).
+        branch_kv: the BranchCache of this branch's earlier tokens; this one's are added.
+        Returns final-normed hidden states (R, C, 1, d).
         """
-        R, C, Mq, d = x.shape
+        R, C, _, d = x.shape
         args = self.model.args
         cos, sin = rope_cos_sin(positions.flatten(-2), args.head_dim, args.rope_theta)
+        step = branch_kv.next_step(x.device)                                     # 0-d long
+        branch_visible = (torch.arange(branch_kv.n_tokens, device=x.device) <= step)[None]  # (1, K)
 
-        def branch_attention(i):
-            def attend(q, k, v):                       # q (R, H, C*Mq, D), k, v (R, Hkv, C*Mq, D)
-                q, k, v = (t.unflatten(2, (C, Mq)) for t in (q, k, v))
-                if branch_kv is not None:
-                    if branch_kv[i] is not None:
-                        k, v = torch.cat([branch_kv[i][0], k], 3), torch.cat([branch_kv[i][1], v], 3)
-                    branch_kv[i] = (k, v)
-                return thought_attention(q, *text_kv[i], k, v, text_visible).flatten(2, 3)
+        def branch_attention(text_k, text_v, k_cache, v_cache):
+            def attend(q, k, v):                       # q (R, H, C, D), k, v (R, Hkv, C, D)
+                k_cache.index_copy_(3, step.view(1), k.unsqueeze(3))
+                v_cache.index_copy_(3, step.view(1), v.unsqueeze(3))
+                return thought_attention(q.unsqueeze(3), text_k, text_v, k_cache, v_cache, text_visible,
+                                         branch_visible).flatten(2, 3)
             return attend
 
-        h = x.reshape(R, C * Mq, d)
+        h = x.reshape(R, C, d)
         for i, layer in enumerate(self.model.layers):   # through each block's __call__ (FSDP hooks)
-            h = layer(h, cos, sin, None, 0, branch_attention(i))
-        return self.model.norm(h).view(R, C, Mq, d)
+            text_k, text_v = text_kv[i]
+            attend = branch_attention(text_k, text_v, *branch_kv.buffers(i, (R, text_k.shape[1], C), text_k))
+            h = layer(h, cos, sin, None, 0, attend)
+        return self.model.norm(h).view(R, C, 1, d)
 
     def _delimiter(self, which, shape):
         """The <start> or <end> input embedding, broadcast to shape (..., d)."""
@@ -338,7 +397,7 @@ class QuietStar(nn.Module):
         # the P thoughts of a position are P more branches of the same text: C = P * L
         visible = self._text_visible(valid).repeat(1, P, 1)     # (B, C, L)
         text_position = torch.arange(L, device=tokens.device).repeat(P)[:, None]    # (C, 1)
-        branch_kv = [None] * len(self.model.layers)
+        branch_kv = BranchCache(N)
         uniforms = self._thought_uniforms(B, L, generator, tokens.device)          # (B, L, N, P)
         x = self._delimiter("start", (B, P * L, 1))                                 # (B, C, 1, d)
         thoughts = []
@@ -395,7 +454,8 @@ class QuietStar(nn.Module):
         L, window = valid.shape[1], self.model.args.sliding_window
         impl = self.attention_impl or ("flex" if valid.is_cuda else "chunked")
         if impl == "flex":
-            return lambda q, k, v: joint_flex_attention(q, k, v, valid, M, window)
+            mask = joint_block_mask(valid, M, L + C * M, window)       # once for every block
+            return lambda q, k, v: joint_flex_attention(q, k, v, mask)
         text_mask = attention_mask(0, L, valid, window, valid.device)            # (B, 1, L, L)
         text_visible = text_mask[:, 0]                                            # (B, L, L)
 
@@ -474,7 +534,7 @@ class QuietStar(nn.Module):
         text_visible = (key_valid & (torch.arange(S, device=key_valid.device) > S - 1 - window))[:, None]
         text_kv = [(layer.attention.cache.k[:, :, :S], layer.attention.cache.v[:, :, :S])
                    for layer in self.model.layers]
-        branch_kv = [None] * len(self.model.layers)
+        branch_kv = BranchCache(N + 2)
         x = self._delimiter("start", (B, 1, 1))
         tokens = []
         for k in range(N + 2):

@@ -30,13 +30,15 @@ from torch.utils.checkpoint import checkpoint
 CHUNK_ELEMENTS = 2 ** 26
 
 
-def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible):
+def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible, branch_visible=None):
     """
     Attention for the thought branches of C positions at once.
     q:                (R, H, C, Mq, D)   the newest Mq branch tokens of each position
     k_text, v_text:   (R, Hkv, S, D)     keys/values of the text, shared by all branches
     k_branch, v_branch: (R, Hkv, C, Mk, D) every branch token so far (the queries are the last Mq)
     text_visible:     bool (R or 1, C, S) which text tokens position c's branch may see
+    branch_visible:   bool (Mq, Mk) which branch keys each query sees; default causal, the
+                      queries being the last Mq
     Returns (R, H, C, Mq, D). Scores against text and against the branch share one softmax,
     so this equals attention over [visible text ; own branch] done one position at a time.
     """
@@ -45,8 +47,9 @@ def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible):
     q = q.view(R, Hkv, H // Hkv, C, Mq, D) * D ** -0.5                # query heads grouped per k/v head
     text_scores = torch.einsum("rkgcmd,rksd->rkgcms", q, k_text)       # (R, Hkv, G, C, Mq, S)
     branch_scores = torch.einsum("rkgcmd,rkcnd->rkgcmn", q, k_branch)  # (R, Hkv, G, C, Mq, Mk)
-    query_index = torch.arange(Mk - Mq, Mk, device=q.device)[:, None]   # (Mq, 1)
-    branch_visible = torch.arange(Mk, device=q.device) <= query_index    # (Mq, Mk) causal
+    if branch_visible is None:
+        query_index = torch.arange(Mk - Mq, Mk, device=q.device)[:, None]   # (Mq, 1)
+        branch_visible = torch.arange(Mk, device=q.device) <= query_index    # (Mq, Mk) causal
     scores = torch.cat([
         text_scores.float().masked_fill(~text_visible[:, None, None, :, None, :], -torch.inf),
         branch_scores.float().masked_fill(~branch_visible, -torch.inf)], dim=-1)
@@ -115,26 +118,38 @@ def joint_mask_mod(L, M, text_valid, window):
     return mask_mod
 
 
+def joint_block_mask(text_valid, M, S, window=None):
+    """The BlockMask of joint_mask_mod for sequences of S = L + C * M tokens, on text_valid's
+    device. Made once per joint pass and shared by every block (and by checkpointing's
+    recomputation): building it costs a pass over all (query, key) blocks, 0.5 GiB and
+    seconds at 7,424 tokens, and inside a compiled block it would break the graph."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, L = text_valid.shape
+    return create_block_mask(joint_mask_mod(L, M, text_valid, window), B, None, S, S,
+                             device=text_valid.device)
+
+
 _compiled_flex = None
 
 
-def joint_flex_attention(q, k, v, text_valid, M, window=None):
+def flex_kernel(device):
+    """flex_attention compiled (a fused flash-style kernel, blocks of the mask that are all
+    False skipped, no score matrix kept) on CUDA; elsewhere eager: slow, and without backward
+    on the CPU (a check, not a path; the tests run its backward past that front-end check)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    global _compiled_flex
+    if device.type != "cuda":
+        return flex_attention
+    _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def joint_flex_attention(q, k, v, block_mask):
     """
     Text and branches in one FlexAttention call. q (B, H, S, D), k, v (B, Hkv, S, D) with
-    S = L + C * M (text first); text_valid (B, L). -> (B, H, S, D). On CUDA it is compiled
-    (flash-style: blocks of the mask that are all False are skipped, no score matrix is
-    kept); elsewhere it runs eagerly, slowly and without backward (a check, not a path).
+    S = L + C * M (text first); block_mask from joint_block_mask. -> (B, H, S, D).
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    global _compiled_flex
-    B, S, L = q.shape[0], q.shape[2], text_valid.shape[1]
-    mask = create_block_mask(joint_mask_mod(L, M, text_valid, window), B, None, S, S,
-                             device=q.device)
-    kernel = flex_attention
-    if q.is_cuda:
-        _compiled_flex = _compiled_flex or torch.compile(flex_attention, dynamic=False)
-        kernel = _compiled_flex
-    return kernel(q, k, v, block_mask=mask, enable_gqa=True)
+    return flex_kernel(q.device)(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 
 def token_nll(output, h, targets, temperature=1.0, excluded=None, rows_per_chunk=None):

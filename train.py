@@ -44,7 +44,7 @@ from cli import (check_device, check_dtype, check_range, make_settings, read_ove
                  settings_help)
 from dataloader import Batches, Documents, check_token_ids
 from model import PEAK_BF16_FLOPS, PRESETS, ModelArgs, Transformer, read_config
-from quietstar import QuietStar, QuietStarConfig, quietstar_loss
+from quietstar import QuietStar, QuietStarConfig, quietstar_loss, step_flops
 from tokenizer import check_vocabulary, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -208,14 +208,19 @@ def blocks_of(model):
 
 
 def shard_model(model, cfg, rank, device):
-    """FSDP2: shard every transformer block, then the rest; rank 0's weights are broadcast."""
+    """FSDP2: shard every transformer block, the embedding, the output layer, then the rest;
+    rank 0's weights are broadcast."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     full_state = model.state_dict() if rank == 0 else {}
     mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if cfg.dtype == "bfloat16" and not cfg.pure_bf16 else MixedPrecisionPolicy()
-    for block in blocks_of(model):
-        fully_shard(block, mp_policy=mixed)
+    inner = model.model if isinstance(model, QuietStar) else model
+    # the blocks, and the embedding and output layer on their own: gathered only while used
+    # (in the root's group they stayed gathered from the first forward to the end of the
+    # backward: 0.4 GiB per GPU at 7B)
+    for module in [*blocks_of(model), inner.tok_embeddings, inner.output]:
+        fully_shard(module, mp_policy=mixed)
     fully_shard(model, mp_policy=mixed)
     model.to_empty(device=device)
     set_model_state_dict(model, full_state,
@@ -225,12 +230,33 @@ def shard_model(model, cfg, rank, device):
     return model
 
 
+def checkpoint_with_grad(function, *args, **kwargs):
+    """torch.utils.checkpoint when there is a backward to recompute for; a plain call without
+    gradient (sampling thoughts), where checkpointing saves nothing and, compiled, its
+    higher-order op refused the sampling's caches (a graph break at every block)."""
+    from torch.utils.checkpoint import checkpoint
+    if not torch.is_grad_enabled():
+        return function(*args, **kwargs)
+    return checkpoint(function, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)
+
+
 def enable_activation_checkpointing(model):
     """Recompute each block's activations in the backward pass instead of storing them."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     layers = blocks_of(model)
     for i, block in enumerate(layers):
-        layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        layers[i] = checkpoint_wrapper(block, checkpoint_fn=checkpoint_with_grad)
+
+
+def autocast_context(device_type, cfg, fsdp):
+    """bf16 autocast for fp32 master weights on one GPU or DDP (FSDP2 casts with its
+    mixed-precision policy instead). micro_step enters it twice, for sampling and for the
+    forward: its cache of bf16 weight copies is dropped at each exit, so no cast made while
+    sampling is kept into the forward (there, made with gradient tracking, the casts would be
+    the graph's oldest nodes and hold every block's weight gradient to the end of the backward)."""
+    if cfg.dtype != "bfloat16" or cfg.pure_bf16 or fsdp:
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
 
 
 @torch.no_grad()
@@ -266,16 +292,21 @@ def sample_thoughts(model, tokens, valid, doc_ids, cfg, step):
     return model.sample_thoughts(tokens, valid, generator=generators)
 
 
-def micro_step(model, wrapped, tokens, valid, doc_ids, cfg, step):
-    """-> (loss, metrics, tokens processed) for one micro-batch."""
+def micro_step(model, wrapped, tokens, valid, doc_ids, cfg, step, autocast=nullcontext()):
+    """-> (loss, metrics, tokens processed) for one micro-batch. autocast (autocast_context)
+    is entered once for the sampling and again for the forward, so that no cast made while
+    sampling is kept for the forward and its backward."""
     B, L = tokens.shape
     if cfg.mode == "lm":
-        logits = wrapped(tokens)
+        with autocast:
+            logits = wrapped(tokens)
         ok = valid[:, 1:]
         loss = F.cross_entropy(logits[:, :-1][ok], tokens[:, 1:][ok])
         return loss, {"loss": loss.item(), "nll_base": loss.item()}, B * L
-    thoughts = sample_thoughts(model, tokens, valid, doc_ids, cfg, step)
-    out = wrapped(tokens, thoughts, valid)
+    with autocast:
+        thoughts = sample_thoughts(model, tokens, valid, doc_ids, cfg, step)
+    with autocast:
+        out = wrapped(tokens, thoughts, valid)
     loss, metrics = quietstar_loss(out, tokens, thoughts, valid, model.config)
     c = model.config
     processed = B * L * (2 + c.n_thoughts * (c.branch_len + c.n_thought_tokens))   # sampling too
@@ -440,9 +471,7 @@ def main(argv):
                                   betas=(cfg.beta1, cfg.beta2), fused=device.startswith("cuda"))
     if cfg.init_from == "resume":
         checkpoint.load_optimizer_state(optimizer, os.path.join(source, f"optimizer.rank{rank}.pt"), device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) \
-        if device.startswith("cuda") and cfg.dtype == "bfloat16" and not cfg.pure_bf16 and not fsdp \
-        else nullcontext()
+    autocast = autocast_context("cuda", cfg, fsdp) if device.startswith("cuda") else nullcontext()
     val_batches = None
     if cfg.eval_interval and cfg.val_data:
         val_batches = Batches(Documents(data_path(cfg.val_data)), cfg.seq_len, cfg.micro_batch_size,
@@ -457,7 +486,6 @@ def main(argv):
     n_params = sum(p.numel() for p in model.parameters()) * (world_size if fsdp else 1)
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") else ""
     peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
-    from estimate import step_flops     # the one FLOP count, shared with estimate.py (sampling: forward only)
     args = (model.model if isinstance(model, QuietStar) else model).args
     flops_per_step = step_flops(args, quietstar_config(cfg), cfg.docs_per_step, cfg.seq_len, cfg.mode)
     wandb = None
@@ -491,8 +519,7 @@ def main(argv):
             tokens, valid, doc_ids = batches.micro_batch(step, rank * n_micro + m)
             tokens, valid = tokens.to(device), valid.to(device)
             try:
-                with autocast:
-                    loss, metrics, n = micro_step(model, wrapped, tokens, valid, doc_ids, cfg, step)
+                loss, metrics, n = micro_step(model, wrapped, tokens, valid, doc_ids, cfg, step, autocast)
             except RuntimeError as e:   # sampling from non-finite logits
                 if "inf" not in str(e) and "nan" not in str(e):
                     raise

@@ -78,3 +78,73 @@ def test_the_dry_run_catches_a_tensor_made_without_device():
             qs(tokens, torch.zeros(1, 2, 16, 2, dtype=torch.long, device=META))
     finally:
         torch.arange = original
+
+
+def test_no_cast_made_while_sampling_reaches_the_backward():
+    """fp32 master weights with bf16 autocast (one GPU, DDP): train.py enters autocast once for
+    sampling and once for the forward. In one context, the bf16 weight casts cached while
+    sampling were reused by the forward: the oldest nodes of its graph, which hold
+    every block's weight gradient to the end of the backward. (CPU autocast stands in for CUDA's.)"""
+    import train
+    from cli import make_settings
+    cfg = make_settings(train.TrainConfig, dict(seq_len=16, docs_per_step=1, micro_batch_size=1,
+                                                dtype="bfloat16", n_thought_tokens=2, n_talk=2))
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        qs = QuietStar(Transformer(ModelArgs.from_name("tiny", vocab_size=1002)), train.quietstar_config(cfg))
+    qs.config.delimiter_init_id = 7
+    qs.init_thought_parameters()
+    sampled_by = []
+    sample = train.sample_thoughts
+
+    def sample_and_mark(*args):      # a graph node made right after sampling: its sequence number
+        thoughts = sample(*args)
+        sampled_by.append((torch.ones(1, requires_grad=True) * 2).grad_fn._sequence_nr())
+        return thoughts
+    train.sample_thoughts = sample_and_mark
+    try:
+        tokens = torch.randint(3, 1000, (1, 16))
+        loss, _, _ = train.micro_step(qs, qs, tokens, torch.ones(1, 16, dtype=torch.bool), [0], cfg, 0,
+                                      train.autocast_context("cpu", cfg, fsdp=False))
+    finally:
+        train.sample_thoughts = sample
+    casts, seen, stack = [], set(), [loss.grad_fn]
+    while stack:                                          # every node of the backward graph
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if node.name().startswith("ToCopyBackward"):
+            casts.append(node._sequence_nr())
+        stack += [f for f, _ in node.next_functions]
+    assert len(casts) > 20                                # the forward's own casts are there
+    assert min(casts) > sampled_by[0]                     # and none from sampling
+
+
+def test_compiled_blocks_run_one_graph_per_pass_without_breaks():
+    """train.py --compile with activation checkpointing: sampling (the text, then 9 steps of
+    every branch), the training forward and backward, twice, with no graph break and no
+    recompilation after the first step: one graph for the text pass, two for the branch steps
+    (the first step, and the rest), one for the joint pass. (Breaks were: checkpointing's op
+    refusing the sampling caches' mutation; recompiles: the cache growing at every step, past
+    torch.compile's limit of 8.) Dynamo only (backend="eager"): no compiler needed."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from test_quietstar import batch_with_padding, tiny_quietstar
+    from train import blocks_of, enable_activation_checkpointing
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    qs = tiny_quietstar(sliding_window=5, n_layers=3, n_thought_tokens=9)
+    enable_activation_checkpointing(qs)
+    for block in blocks_of(qs):
+        block.compile(backend="eager")
+    tokens = batch_with_padding()
+    graphs = []
+    for _ in range(2):
+        loss, _ = qs.loss(tokens, qs.sample_thoughts(tokens))
+        loss.backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+    torch._dynamo.reset()
+    assert not counters["graph_break"], list(counters["graph_break"])
+    assert graphs == [4, 4] and not counters["recompiles"]

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from model import attention_mask
-from quietstar_ops import chunked_thought_attention, joint_flex_attention, sample_by_inverse_cdf, \
-    thought_attention, token_nll
+from quietstar_ops import chunked_thought_attention, joint_block_mask, joint_flex_attention, \
+    sample_by_inverse_cdf, thought_attention, token_nll
 from test_quietstar import V, batch_with_padding, tiny_quietstar
+from train import enable_activation_checkpointing
 
 
 def random_branch_inputs(B=2, H=4, Hkv=2, L=7, P=2, M=3, D=8, window=None, seed=0):
@@ -53,7 +54,68 @@ def test_joint_attention_flex_and_chunked_equal_reference(window):
             outs[impl] = qs._joint_attention(valid, P * L, M)(q, k, v)
     assert (outs["chunked"] - outs["reference"]).abs().max() < 1e-5
     assert (outs["flex"] - outs["reference"]).abs().max() < 1e-5
-    assert (joint_flex_attention(q, k, v, valid, M, window) - outs["reference"]).abs().max() < 1e-5
+    mask = joint_block_mask(valid, M, S, window)
+    assert (joint_flex_attention(q, k, v, mask) - outs["reference"]).abs().max() < 1e-5
+
+
+@pytest.fixture
+def flex_backward_on_cpu(monkeypatch):
+    """FlexAttention's autograd path on the CPU: torch 2.13 refuses backward on the CPU in a
+    front-end check only; past it, eager flex runs its (unfused) math forward and backward
+    with the block mask. This tests the mask and the gradients, not CUDA's fused kernel
+    (gpu_check.py does that on a GPU)."""
+    import torch.nn.attention.flex_attention as flex
+    monkeypatch.setattr(flex, "_validate_device", lambda *args: None)
+    monkeypatch.setattr(flex, "_warn_once", lambda *args, **kwargs: None)     # "unfused"
+    made = []
+    create = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, **k: made.append(1) or create(*a, **k))
+    return made
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_flex_gradients_equal_reference(flex_backward_on_cpu, window):
+    torch.manual_seed(6)
+    qs = tiny_quietstar(sliding_window=window)
+    B, L, P, M = 2, 9, 2, qs.config.branch_len
+    valid = torch.ones(B, L, dtype=torch.bool)
+    valid[1, 6:] = False                                                  # padding
+    S, H, Hkv, D = L + P * L * M, 4, 2, 8
+    inputs = [torch.randn(B, h, S, D, requires_grad=True) for h in (H, Hkv, Hkv)]
+    weights = torch.randn(B, H, S, D)
+    results = {}
+    for impl in ("reference", "flex"):
+        qs.attention_impl = impl
+        out = qs._joint_attention(valid, P * L, M)(*inputs)
+        results[impl] = out, torch.autograd.grad((out * weights).sum(), inputs)
+    (ref, ref_grads), (out, grads) = results["reference"], results["flex"]
+    assert (out - ref).abs().max() < 1e-5
+    for name, a, b in zip("qkv", grads, ref_grads):
+        assert (a - b).abs().max() < 1e-5, name
+
+
+def test_flex_training_step_builds_one_mask(flex_backward_on_cpu):
+    """A whole loss and backward with flex, two blocks, activation checkpointing: one block
+    mask for the joint pass (not one per block and per recomputation), and the loss and every
+    gradient of the reference path."""
+    torch.manual_seed(7)
+    qs = tiny_quietstar(sliding_window=5).double()      # the policy term (x 1e6) magnifies rounding
+    enable_activation_checkpointing(qs)
+    tokens = batch_with_padding()
+    thoughts = qs.sample_thoughts(tokens)
+    results = {}
+    for impl in ("reference", "flex"):
+        qs.attention_impl = impl
+        qs.zero_grad()
+        flex_backward_on_cpu.clear()
+        loss, _ = qs.loss(tokens, thoughts)
+        loss.backward()
+        results[impl] = loss.item(), {n: p.grad.clone() for n, p in qs.named_parameters()}
+    assert len(flex_backward_on_cpu) == 1 and len(qs.model.layers) == 2
+    (loss_ref, grads_ref), (loss_flex, grads_flex) = results["reference"], results["flex"]
+    assert math.isclose(loss_ref, loss_flex, rel_tol=1e-6)
+    worst = max(((grads_flex[n] - g).abs().max() / g.abs().max()).item() for n, g in grads_ref.items())
+    assert worst < 1e-5, worst
 
 
 def test_whole_forward_equal_for_every_attention_impl():

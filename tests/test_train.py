@@ -72,14 +72,18 @@ def test_resume_equals_uninterrupted(short_docs, tmp_path):
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
 def test_two_processes_equal_one(short_docs, tmp_path, fsdp):
-    """Same global batch (4 documents a step), on 1 process with 2 micro-batches and on 2
-    processes (gloo) with one each: the losses agree to 1e-5 relative over 3 steps."""
-    common = [f"--data={short_docs}", "--max_steps=3", "--warmup_steps=1", f"--fsdp={fsdp}"]
+    """Same global batch (8 documents a step), on 1 process with 4 micro-batches and on 2
+    processes (gloo) with 2 each, so that gradients are accumulated without sync and then
+    reduced: the losses and the gradient norm agree to 1e-6 relative. (One step: after an
+    update the sampled thoughts may flip where rounding differs, and the policy term, x 1e6,
+    makes this tiny run chaotic: measured 1e-3 apart at step 2 with correct sync.)"""
+    common = [f"--data={short_docs}", "--max_steps=1", "--warmup_steps=1", f"--fsdp={fsdp}",
+              "--docs_per_step=8"]
     train(common, tmp_path / "one")
     train(common, tmp_path / "two", processes=2)
-    for a, b in zip(metrics(tmp_path / "one"), metrics(tmp_path / "two")):
-        for key in ("loss", "nll_base", "nll_talk", "policy_loss"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (a["step"], key)
+    (a,), (b,) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    for key in ("loss", "nll_base", "nll_talk", "policy_loss", "grad_norm"):
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), key
     assert os.path.isfile(tmp_path / "two" / "ckpt" / "model.safetensors")
 
 
