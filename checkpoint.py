@@ -145,9 +145,11 @@ def resume_state(out_dir, master=True):
             time.sleep(0.5)
     if found is None:                         # nothing was changed; say what is damaged
         damaged = damaged_checkpoints(out_dir) if os.path.isdir(out_dir) else []
-        why = "\n" + "; ".join(damaged) if damaged else \
-            f" (looked for ckpt, ckpt.old and ckpt.tmp with a {MANIFEST})"
-        raise SystemExit(f"{out_dir}: no complete checkpoint to resume from{why}")
+        if damaged:
+            raise SystemExit("; ".join(damaged) + f"\nso {out_dir} holds no complete checkpoint to resume "
+                             f"from (nothing was changed)")
+        raise SystemExit(f"{out_dir}: no complete checkpoint to resume from (looked for ckpt, "
+                         f"ckpt.old and ckpt.tmp with a {MANIFEST})")
     state = read_json(os.path.join(found[0], "state.json"), required=("config", "step"))
     if not isinstance(state["config"], dict) or not isinstance(state["step"], int):
         raise ValueError(f"{found[0]}/state.json: config should be an object and step an integer")

@@ -137,7 +137,7 @@ def check_settings(cfg):
                          f"micro_batch_size={cfg.micro_batch_size}")
     if cfg.mode not in ("quietstar", "lm"):
         raise SystemExit(f"mode={cfg.mode!r}: expected 'quietstar' or 'lm'")
-    if cfg.init_from == "scratch" and cfg.preset not in PRESETS:
+    if cfg.preset not in PRESETS:
         raise SystemExit(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
     check_dtype(cfg.dtype)
     check_device(cfg.device)

@@ -131,8 +131,32 @@ def test_fresh_run_refuses_an_out_dir_with_a_checkpoint(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n')
     with pytest.raises(SystemExit, match=r"already holds a checkpoint \(step 3\).*--init_from=resume.*--overwrite=True"):
         checkpoint.prepare_out_dir(str(tmp_path), False, False, 0, True)
-    checkpoint.prepare_out_dir(str(tmp_path), False, True, 0, True)  # overwrite: both runs' files go
-    assert os.listdir(tmp_path) == []
+    # overwrite: nothing goes yet; the new run logs beside the old metrics until its first save
+    before = {n: open(tmp_path / n, "rb").read() for n in ("metrics.jsonl", "ckpt/state.json")}
+    path = checkpoint.prepare_out_dir(str(tmp_path), False, True, 0, True, run_id="ab12")
+    assert path == str(tmp_path / "metrics.jsonl.new-ab12")
+    assert before == {n: open(tmp_path / n, "rb").read() for n in before}
+    with open(path, "w") as f:
+        f.write('{"step": 1, "loss": 2}\n')
+    save(model, optimizer, tmp_path, 1)                      # the new run's first save
+    checkpoint.finish_replacing(str(tmp_path), "ab12")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "metrics.jsonl"]
+    assert open(tmp_path / "metrics.jsonl").read() == '{"step": 1, "loss": 2}\n'
+
+
+def test_a_replacement_killed_around_its_first_save(tmp_path):
+    """Killed after its first save but before its metrics replaced the old ones: resuming adopts
+    the metrics of the run the checkpoint belongs to; a leftover of another run is dropped."""
+    model, optimizer = tiny()
+    checkpoint.save_checkpoint(model, optimizer, {"out_dir": str(tmp_path)}, 2, 0, 1, False, VENDORED, "new1")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 5, "loss": 9}\n')   # the old run's
+    (tmp_path / "metrics.jsonl.new-new1").write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n')
+    (tmp_path / "metrics.jsonl.new-old0").write_text('{"step": 1, "loss": 5}\n')
+    state = checkpoint.resume_state(str(tmp_path))
+    assert state["run_id"] == "new1"
+    checkpoint.prepare_out_dir(str(tmp_path), True, False, state["step"], True, state["run_id"])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "metrics.jsonl"]
+    assert [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")] == [1, 1]
 
 
 def test_resume_drops_metrics_of_unsaved_steps(tmp_path):
