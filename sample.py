@@ -12,8 +12,10 @@ Checkpoints: a plain Mistral in Hugging Face layout (config.json + *.safetensors
 Quiet-STaR layout (ezelikman/quietstar-8-ahead; pass --n_thought_tokens 5). With --think a
 Quiet-STaR checkpoint thinks before every token (--show_thoughts prints the continuation,
 then each thought on a line of its own with the token it led to); without, it decodes
-plainly. A continuation ends at EOS (the arithmetic model writes one after its answer), at
-the first --stop string (kept), or after --max_new_tokens. The tokenizer is the
+plainly. A continuation ends at EOS, at the first --stop string (kept), or after
+--max_new_tokens. The arithmetic model (a compact vocabulary) gets one new token by
+default: its answer is one symbol, and it never learned to write EOS after it (the data
+loader masks EOS as a target, as the official one does). The tokenizer is the
 checkpoint's own vocab.json (a compact vocabulary) or tokenizer.model, else the
 Mistral-7B-v0.1 one in assets/ (tokenizer.load_tokenizer). "\\n" in a prompt or a stop
 string is a newline.
@@ -29,7 +31,7 @@ from checkpoint import read_quietstar_config
 from cli import HelpFormatter, at_least, check_checkpoint_dir, check_device, run, short_errors
 from model import Transformer, read_config, tensor_names
 from quietstar import RELEASED_NAMES, QuietStar
-from tokenizer import check_vocabulary, load_tokenizer
+from tokenizer import CharTokenizer, check_vocabulary, load_tokenizer
 
 
 def load(args):
@@ -96,7 +98,9 @@ def main():
     p = short_errors(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
     p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. out/ckpt)")
     p.add_argument("--prompt", action="append", required=True, help="the text to continue; repeat for a batch")
-    p.add_argument("--max_new_tokens", type=at_least(1), default=100, help="at most this many new tokens")
+    p.add_argument("--max_new_tokens", type=at_least(1), default=None,
+                   help="at most this many new tokens (default: 1 for the arithmetic model, whose answer "
+                        "is one symbol; else 100)")
     p.add_argument("--stop", action="append", default=[],
                    help="end a continuation at this string, kept (repeatable; EOS always ends one)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
@@ -124,6 +128,7 @@ def main():
 
     read_config(args.ckpt)                          # a clear error before anything else
     tokenizer = load_tokenizer(args.ckpt)
+    args.max_new_tokens = args.max_new_tokens or (1 if isinstance(tokenizer, CharTokenizer) else 100)
     t0 = time.perf_counter()
     model, is_quietstar = load(args)
     plain = model.model if is_quietstar else model
