@@ -584,7 +584,8 @@ def main(argv):
         show_thought(model, tokenizer, tokens, valid, cfg, step)
     if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp and not stop["signal"]:
         from data.arith.report import load_test, thinking_summary
-        thinking_summary(model, tokenizer, load_test(), cfg.seed)
+        results = thinking_summary(model, tokenizer, load_test(), cfg.seed)   # {name: (mean, stderr, n)}
+        metrics_file.write(json.dumps({"step": cfg.max_steps, **results}) + "\n")   # for plot_run.py
     if world_size > 1:
         dist.destroy_process_group()
 
