@@ -17,8 +17,6 @@ import re
 import sys
 from dataclasses import fields
 
-import torch
-
 DEBUG_VARIABLE = "QUIETSTAR_DEBUG"
 
 
@@ -52,6 +50,7 @@ def run(main, *args):
 
 def check_device(device):
     """'cpu', 'cuda', 'cuda:N' or 'mps', and usable on this machine; else a one-line error."""
+    import torch                   # here, so that tools without a model (plot_run.py) start fast
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
         raise SystemExit(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
     if device.startswith("cuda"):
