@@ -177,3 +177,43 @@ def test_an_empty_out_dir_is_removed(tmp_path):
     (tmp_path / "kept" / "metrics.jsonl").write_text("{}\n")
     checkpoint.remove_if_empty(str(tmp_path / "kept"))
     assert (tmp_path / "kept").exists()
+
+
+def run_train(args, out_dir):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "train.py"), "--docs_per_step=4", "--micro_batch_size=4",
+                           "--thought_interval=0", "--device=cpu", f"--out_dir={out_dir}"] + args,
+                          capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_stopped_run_skips_the_final_evaluation_and_a_finished_one_says_so(tmp_path):
+    """SIGINT during the arithmetic run: it saves, says that it skips the final evaluation and
+    does not print one; resumed to its end it evaluates once; resumed again it says it is finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--docs_per_step=4",
+                                 "--micro_batch_size=4", "--thought_interval=0", "--device=cpu",
+                                 "--max_steps=100000", f"--out_dir={tmp_path / 'out'}"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 240
+        while time.time() < deadline and "step 1/" not in log.read_text():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=240)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "so no final evaluation" in text and "thinking helps" not in text
+    step = json.load(open(tmp_path / "out" / "ckpt" / "state.json"))["step"]
+    done = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
+    assert done.returncode == 0 and done.stdout.count("thinking helps: exact accuracy") == 1, done.stderr
+    again = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
+    assert again.returncode == 0, again.stderr
+    assert f"this run is finished (its checkpoint is at step {step + 1}, max_steps={step + 1})" in again.stdout
+    assert "thinking helps" not in again.stdout and "steps" not in again.stdout.split("finished")[0]

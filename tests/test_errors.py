@@ -345,3 +345,16 @@ def test_a_failed_html_page_leaves_no_file(earlier_run, tmp_path):
                                  "--text", "3/4=", "--device", "cpu"]))
     assert "not in the vocabulary" in error
     assert os.listdir(tmp_path) == []
+
+
+def test_the_defaults_are_the_arithmetic_run_and_one_argument_changes_one_setting():
+    """A bare `python train.py` runs TrainConfig's defaults; they restate config/arith.py (so
+    `python train.py config/arith.py` is the same run), and --max_steps changes only that."""
+    from dataclasses import asdict
+    bare = asdict(parse_config([]))
+    assert bare == asdict(parse_config([os.path.join(ROOT, "config", "arith.py")]))
+    longer = asdict(parse_config(["--max_steps=200"]))
+    assert {k for k in bare if bare[k] != longer[k]} == {"max_steps"}
+    assert bare["init_from"] == "data/arith/base" and bare["final_eval"] == "arith"
+    math_run = asdict(parse_config([os.path.join(ROOT, "config", "math.py")]))
+    assert math_run["init_from"] == "scratch" and math_run["data"] == "data/math/train"
