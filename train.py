@@ -82,7 +82,7 @@ class TrainConfig:
     learning_rate: float = 1e-3      # a tiny model learns fast (the paper: 1e-6 on Mistral-7B)
     weight_decay: float = 1e-3       # as the paper
     beta1: float = 0.9               # AdamW betas, as the paper
-    beta2: float = 0.999
+    beta2: float = 0.999             # as the paper
     warmup_steps: int = 10           # linear warm-up, then constant (the paper: 20)
     max_steps: int = 100             # as the paper
     grad_clip: float = 1.0           # as the paper
