@@ -163,11 +163,18 @@ def damaged_checkpoints(out_dir):
 
 
 def refuse_used_out_dir(out_dir, resume, overwrite):
-    """A fresh run does not overwrite a checkpoint or mix its metrics with another run's."""
-    found = newest(out_dir) if not resume and os.path.isdir(out_dir) else None
-    if found and not overwrite:
+    """A fresh run does not overwrite a checkpoint (even a damaged one, which its owner may
+    want to repair) or mix its metrics with another run's."""
+    if resume or overwrite or not os.path.isdir(out_dir):
+        return
+    found = newest(out_dir)
+    if found:
         raise SystemExit(f"{out_dir} already holds a checkpoint (step {found[1]}): continue it with "
                          f"--init_from=resume, start over with --overwrite=True, or use another --out_dir")
+    damaged = damaged_checkpoints(out_dir)
+    if damaged:
+        raise SystemExit(f"{out_dir} holds a damaged checkpoint ({damaged[0]}):\n"
+                         f"start over with --overwrite=True, or use another --out_dir")
 
 
 def prepare_out_dir(out_dir, resume, overwrite, start_step, master, run_id=""):
@@ -185,10 +192,10 @@ def prepare_out_dir(out_dir, resume, overwrite, start_step, master, run_id=""):
         return metrics_file
     leftovers = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("metrics.jsonl.new-")]
     if not resume:
-        if newest(out_dir) is not None:                  # kept until the first save
+        if newest(out_dir) is not None or damaged_checkpoints(out_dir):   # kept until the first save
             return f"{metrics_file}.new-{run_id}"
         for path in [os.path.join(out_dir, n) for n in NAMES] + leftovers + [metrics_file]:
-            if os.path.isdir(path):                      # partial checkpoints of a failed run
+            if os.path.isdir(path):                      # unsealed: a save that never finished
                 remove_dir(path)
             elif os.path.lexists(path):
                 os.remove(path)

@@ -303,6 +303,20 @@ def test_a_damaged_checkpoint_file_is_named_and_nothing_changes(earlier_run, tmp
     assert snapshot(out) == before
 
 
+def test_a_fresh_run_keeps_a_damaged_checkpoint(earlier_run, tmp_path):
+    """Refused without --overwrite (its owner may repair it); with it, kept until the first save."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(earlier_run, out)
+    damage(out / "ckpt", "optimizer truncated")
+    before = snapshot(out)
+    assert "holds a damaged checkpoint" in short_error(train_run(["--max_steps=1"], out))
+    done = train_run(["--overwrite=True", "--max_steps=4", "--learning_rate=1e30", "--grad_clip=1e30",
+                      "--warmup_steps=1"], out)
+    assert done.returncode == 1 and "non-finite" in done.stdout
+    assert snapshot(out) == before
+
+
 def test_resuming_a_damaged_checkpoint_from_the_command_line(earlier_run, tmp_path):
     """Through train.py: two lines naming the file, no code from a pickle runs, nothing changes."""
     import shutil
