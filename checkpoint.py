@@ -58,16 +58,38 @@ def write_manifest(path, step):
     fsync_dir(path)
 
 
+def what_is_wrong(path):
+    """None if path is a complete checkpoint directory, else what is wrong with it, naming the
+    file: no manifest (a save that did not finish), a manifest that is not JSON, or a file it
+    lists that is missing or has another size (truncated, or changed after saving)."""
+    manifest_file = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_file):
+        return f"{path}: no {MANIFEST} (a save that did not finish)"
+    try:
+        with open(manifest_file) as f:
+            manifest = json.load(f)
+        int(manifest["step"])
+        files = dict(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{manifest_file}: not a valid manifest ({type(e).__name__}: {e})"
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        actual = os.path.getsize(file) if os.path.isfile(file) else None
+        if actual is None:
+            return f"{file}: missing (listed in {MANIFEST})"
+        if actual != size:
+            return f"{file}: {actual:,} bytes, {MANIFEST} says {size:,} (truncated, or changed after saving)"
+    return None
+
+
 def complete_step(path):
     """The step of a complete checkpoint directory, or None if it is missing or partial."""
     try:
+        if not os.path.isdir(path) or what_is_wrong(path) is not None:
+            return None
         with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
-        for name, size in manifest["files"].items():
-            if os.path.getsize(os.path.join(path, name)) != size:
-                return None
-        return int(manifest["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+            return int(json.load(f)["step"])
+    except (OSError, ValueError):             # removed or renamed meanwhile (another process)
         return None
 
 
@@ -108,17 +130,24 @@ def tidy(out_dir):
 
 def resume_state(out_dir, master=True):
     """state.json of the checkpoint to resume from: the newest complete one, which the master
-    process makes out_dir/ckpt (the others only read, retrying while it renames)."""
+    process makes out_dir/ckpt (the others only read, retrying while it renames). Without a
+    complete one nothing is changed, and the error names each damaged file."""
     from model import read_json
     for attempt in range(20):
         try:
-            found = (tidy(out_dir) if master else newest(out_dir)) if os.path.isdir(out_dir) else None
-            if found is not None and not master:
-                read_json(os.path.join(found[0], "state.json"))
+            found = newest(out_dir) if os.path.isdir(out_dir) else None
+            if found is not None:
+                found = tidy(out_dir) if master else found
+                if not master:
+                    read_json(os.path.join(found[0], "state.json"))
             break
         except FileNotFoundError:
             time.sleep(0.5)
-    if found is None:
+    if found is None:                         # nothing was changed; say what is damaged
+        damaged = damaged_checkpoints(out_dir) if os.path.isdir(out_dir) else []
+        if damaged:
+            raise SystemExit("; ".join(damaged) + f"\nso {out_dir} holds no complete checkpoint to resume "
+                             f"from (nothing was changed)")
         raise SystemExit(f"{out_dir}: no complete checkpoint to resume from (looked for ckpt, "
                          f"ckpt.old and ckpt.tmp with a {MANIFEST})")
     state = read_json(os.path.join(found[0], "state.json"), required=("config", "step"))
@@ -127,32 +156,71 @@ def resume_state(out_dir, master=True):
     return state
 
 
+def damaged_checkpoints(out_dir):
+    """What is wrong with each checkpoint directory in out_dir that was sealed by a manifest."""
+    paths = [os.path.join(out_dir, n) for n in NAMES]
+    return [what_is_wrong(p) for p in paths if os.path.lexists(os.path.join(p, MANIFEST))]
+
+
 def refuse_used_out_dir(out_dir, resume, overwrite):
-    """A fresh run does not overwrite a checkpoint or mix its metrics with another run's."""
-    found = newest(out_dir) if not resume and os.path.isdir(out_dir) else None
-    if found and not overwrite:
+    """A fresh run does not overwrite a checkpoint (even a damaged one, which its owner may
+    want to repair) or mix its metrics with another run's."""
+    if resume or overwrite or not os.path.isdir(out_dir):
+        return
+    found = newest(out_dir)
+    if found:
         raise SystemExit(f"{out_dir} already holds a checkpoint (step {found[1]}): continue it with "
                          f"--init_from=resume, start over with --overwrite=True, or use another --out_dir")
+    damaged = damaged_checkpoints(out_dir)
+    if damaged:
+        raise SystemExit(f"{out_dir} holds a damaged checkpoint ({damaged[0]}):\n"
+                         f"start over with --overwrite=True, or use another --out_dir")
 
 
-def prepare_out_dir(out_dir, resume, overwrite, start_step, master):
-    """Just before training: a fresh run removes an earlier run's checkpoints and metrics (only
-    with overwrite, see refuse_used_out_dir); a resumed run drops the metrics of steps after its
-    checkpoint (a killed run logged steps it never saved)."""
+def prepare_out_dir(out_dir, resume, overwrite, start_step, master, run_id=""):
+    """Just before training; returns the metrics file the run appends to.
+    A fresh run that replaces an earlier one (only with overwrite, see refuse_used_out_dir)
+    removes nothing yet: it logs to metrics.jsonl.new-RUN_ID, and its first save replaces the
+    earlier checkpoint (the rotation) and then the earlier metrics (finish_replacing), so a
+    run that fails before its first save leaves the earlier run whole. A resumed run adopts
+    the metrics of the replacement its checkpoint belongs to (a kill between those two steps),
+    drops other leftovers, and drops the metrics of steps after its checkpoint (a killed run
+    logged steps it never saved)."""
     refuse_used_out_dir(out_dir, resume, overwrite)
     metrics_file = os.path.join(out_dir, "metrics.jsonl")
-    if not resume and os.path.isdir(out_dir):
-        if master:
-            for name in NAMES:
-                remove_dir(os.path.join(out_dir, name))
-            if os.path.exists(metrics_file):
-                os.remove(metrics_file)
-    if master and resume and os.path.isfile(metrics_file):
+    if not master or not os.path.isdir(out_dir):
+        return metrics_file
+    leftovers = [os.path.join(out_dir, n) for n in os.listdir(out_dir) if n.startswith("metrics.jsonl.new-")]
+    if not resume:
+        if newest(out_dir) is not None or damaged_checkpoints(out_dir):   # kept until the first save
+            return f"{metrics_file}.new-{run_id}"
+        for path in [os.path.join(out_dir, n) for n in NAMES] + leftovers + [metrics_file]:
+            if os.path.isdir(path):                      # unsealed: a save that never finished
+                remove_dir(path)
+            elif os.path.lexists(path):
+                os.remove(path)
+        return metrics_file
+    for path in leftovers:
+        if run_id and path.endswith(f".new-{run_id}"):
+            os.replace(path, metrics_file)
+        else:
+            os.remove(path)
+    if os.path.isfile(metrics_file):
         with open(metrics_file) as f:
             kept = [line for line in f if logged_step(line) <= start_step]
         with open(metrics_file + ".tmp", "w") as f:
             f.writelines(kept)
         os.replace(metrics_file + ".tmp", metrics_file)
+    return metrics_file
+
+
+def finish_replacing(out_dir, run_id):
+    """After a replacing run's first save (its checkpoint is in place): its metrics become
+    metrics.jsonl, and the earlier run's are gone."""
+    os.replace(os.path.join(out_dir, f"metrics.jsonl.new-{run_id}"), os.path.join(out_dir, "metrics.jsonl"))
+    for name in os.listdir(out_dir):                   # another failed replacement's
+        if name.startswith("metrics.jsonl.new-"):
+            os.remove(os.path.join(out_dir, name))
 
 
 def logged_step(line):
@@ -161,6 +229,11 @@ def logged_step(line):
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def remove_file(path):
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def remove_if_empty(out_dir):
@@ -245,7 +318,7 @@ def weights_are_finite(model, world_size):
     return finite
 
 
-def save_checkpoint(model, optimizer, settings, step, rank, world_size, fsdp, tokenizer_file):
+def save_checkpoint(model, optimizer, settings, step, rank, world_size, fsdp, tokenizer_file, run_id=""):
     """Write out_dir/ckpt for `step` by the rotation above. A failed write (disk full,
     permission) removes its partial files, keeps the previous checkpoint and stops the run
     with the path and the reason."""
@@ -262,7 +335,8 @@ def save_checkpoint(model, optimizer, settings, step, rank, world_size, fsdp, to
             else:
                 model.save_pretrained(tmp)
             with open(os.path.join(tmp, "state.json"), "w") as f:
-                json.dump({"config": settings, "step": step, "world_size": world_size}, f, indent=2)
+                json.dump({"config": settings, "step": step, "world_size": world_size, "run_id": run_id},
+                          f, indent=2)
             shutil.copyfile(tokenizer_file, os.path.join(        # a compact vocabulary, or Mistral's
                 tmp, "vocab.json" if tokenizer_file.endswith(".json") else "tokenizer.model"))
     except Exception as e:            # OSError, torch's RuntimeError, SafetensorError

@@ -17,8 +17,6 @@ import re
 import sys
 from dataclasses import fields
 
-import torch
-
 DEBUG_VARIABLE = "QUIETSTAR_DEBUG"
 
 
@@ -52,6 +50,7 @@ def run(main, *args):
 
 def check_device(device):
     """'cpu', 'cuda', 'cuda:N' or 'mps', and usable on this machine; else a one-line error."""
+    import torch                   # here, so that tools without a model (plot_run.py) start fast
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", device):
         raise SystemExit(f"device={device!r}: expected cpu, cuda, cuda:N or mps")
     if device.startswith("cuda"):
@@ -98,6 +97,30 @@ def at_least(low):
         return value
     parse.__name__ = f"integer >= {low}"
     return parse
+
+
+def check_checkpoint_dir(path, option="--ckpt"):
+    """A run's folder (out/) given where its checkpoint (out/ckpt) was meant: say so."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in
+                                       ("config.json", "params.json")):
+        inner = os.path.join(path, "ckpt")
+        if os.path.isdir(inner):
+            raise SystemExit(f"{option} {path}: a training run's folder, not a checkpoint; "
+                             f"did you mean {option} {inner}?")
+    return path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help: the description as written (its examples keep their lines) and every
+    option's default after its description (not for flags, required options, or a default
+    of none, which the description explains)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if action.required or default is None or default is False or default in ("", []) or \
+                default is argparse.SUPPRESS or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def short_errors(parser):

@@ -1,4 +1,4 @@
-"""
+r"""
 Evaluate a checkpoint on GSM8K and CommonsenseQA, with and without thinking, and show where
 thinking helps.
 
@@ -43,7 +43,7 @@ import torch
 
 import thinking_page
 from checkpoint import read_quietstar_config
-from cli import at_least, check_device, run, short_errors
+from cli import HelpFormatter, at_least, check_checkpoint_dir, check_device, run, short_errors
 from dataloader import Documents, check_token_ids
 from model import read_json, tensor_names
 from quietstar import QuietStar, RELEASED_NAMES
@@ -324,31 +324,35 @@ def has_quietstar_parts(path):
 
 
 def parse_args():
-    p = short_errors(argparse.ArgumentParser(description=__doc__,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--ckpt", required=True)
+    p = short_errors(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. out/ckpt)")
     p.add_argument("--tasks", default="", help=f"comma-separated: {', '.join(TASKS)} "
                    f"(default: arith for a compact-vocabulary checkpoint, else gsm8k,csqa)")
     p.add_argument("--metrics", default="paper,exact,cot,ppl", help=f"comma-separated: {', '.join(METRICS)}")
-    p.add_argument("--think", default="auto", choices=["auto", "both", "yes", "no"])
+    p.add_argument("--think", default="auto", choices=["auto", "both", "yes", "no"],
+                   help="with and/or without thinking (auto: both where the checkpoint can think)")
     p.add_argument("--limit", type=at_least(0), default=0,
                    help="at most N examples (or held-out documents) for every metric (0: all)")
-    p.add_argument("--batch_size", type=at_least(1), default=8)
-    p.add_argument("--max_length", type=at_least(8), default=256)
-    p.add_argument("--answer_tokens", type=at_least(1), default=16)
-    p.add_argument("--cot_samples", type=at_least(1), default=8)
-    p.add_argument("--cot_tokens", type=at_least(1), default=384)
-    p.add_argument("--cot_limit", type=at_least(1), default=128, help="the official script used 128 questions")
-    p.add_argument("--ppl_data", default="data/math/val")
-    p.add_argument("--ppl_docs", type=at_least(1), default=250)
-    p.add_argument("--n_thought_tokens", type=at_least(0), default=0, help="override (5 for quietstar-8-ahead)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=at_least(1), default=8, help="examples per forward pass")
+    p.add_argument("--max_length", type=at_least(8), default=256,
+                   help="prompts are cut to their last N tokens (the official eval: 256)")
+    p.add_argument("--answer_tokens", type=at_least(1), default=16, help="exact: new tokens for the answer")
+    p.add_argument("--cot_samples", type=at_least(1), default=8, help="cot: samples per question (majority vote)")
+    p.add_argument("--cot_tokens", type=at_least(1), default=384, help="cot: new tokens per sample at most")
+    p.add_argument("--cot_limit", type=at_least(1), default=128, help="cot: questions (the official script used 128)")
+    p.add_argument("--ppl_data", default="data/math/val", help="ppl: held-out documents (path prefix)")
+    p.add_argument("--ppl_docs", type=at_least(1), default=250, help="ppl: documents scored")
+    p.add_argument("--n_thought_tokens", type=at_least(0), default=0,
+                   help="thought length override (5 for quietstar-8-ahead; 0: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=42, help="example order and sampled thoughts")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--data_dir", default=os.path.join(HERE, "data"))
+                   choices=["float32", "bfloat16", "float16"], help="weights and compute")
+    p.add_argument("--data_dir", default=os.path.join(HERE, "data"),
+                   help="where gsm8k/ and csqa/ are (default: the repository's data/)")
     p.add_argument("--download", action="store_true", help="fetch GSM8K test and CSQA dev into --data_dir")
-    p.add_argument("--json", default="", help="also write the results here")
+    p.add_argument("--json", default="", help="also write the results to this file")
     p.add_argument("--html", default="", help="write a page showing where thinking helps on --text")
     p.add_argument("--text", default="", help='for --html (default: a GSM8K-style problem, or an arith '
                    'one); "\\n" in it is a newline')
@@ -365,8 +369,16 @@ def parse_args():
         if path and (not os.path.isdir(folder) or not os.access(folder, os.W_OK)):
             p.error(f"--{name} {path}: cannot write there ({folder} is not a writable directory)")
     check_device(args.device)
+    check_checkpoint_dir(args.ckpt)
     args.text = args.text.replace("\\n", "\n")
     return args
+
+
+def write_atomically(path, text):
+    """Write text to path whole or not at all (a temporary file, then a rename)."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 METRICS = ("paper", "exact", "cot", "ppl")
@@ -384,9 +396,9 @@ def main():
                               "Q: A baker makes 12 trays of 24 cookies and sells 250. How many are left?\nA: 38")
     qs, think_modes = load_for_eval(args)
     check_vocabulary(tok, qs.model.args.vocab_size, args.ckpt)
-    if args.html:
-        with open(args.html, "w", encoding="utf-8") as f:
-            f.write(thinking_html(qs, tok, args.text, args.seed, model_note(qs, args.ckpt)))
+    if args.html:                 # made first, so that a failure leaves no empty file
+        page = thinking_html(qs, tok, args.text, args.seed, model_note(qs, args.ckpt))
+        write_atomically(args.html, page)
         print(f"wrote {args.html}")
         return
 
@@ -434,8 +446,7 @@ def main():
         print("paper = expected probability of the exact gold answer (the paper's metric), "
               "not exact-match accuracy; exact and cot are accuracies.")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"checkpoint": args.ckpt, "results": results}, f, indent=2)
+        write_atomically(args.json, json.dumps({"checkpoint": args.ckpt, "results": results}, indent=2))
         print(f"wrote {args.json}")
 
 

@@ -639,10 +639,10 @@ class QuietStar(nn.Module):
         keeping its trained delimiters and mixing head. config defaults to the checkpoint's
         quietstar.json when there is one.
         """
+        from checkpoint import read_quietstar_config      # checks the file: a one-line error naming it
         args, state_dict, extras = load_checkpoint(path, device, dtype, allow_extra=RELEASED_NAMES)
-        config_file = os.path.join(path, "quietstar.json")
-        if config is None and os.path.isfile(config_file):
-            config = QuietStarConfig(**json.load(open(config_file)))
+        if config is None:
+            config = read_quietstar_config(path)
         if extras and set(extras) != set(RELEASED_NAMES):
             raise ValueError(f"{path}: Quiet-STaR checkpoint lacks {sorted(set(RELEASED_NAMES) - set(extras))}")
         if not extras:    # a plain Mistral: add <|startthought|> and <|endthought|>

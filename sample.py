@@ -4,15 +4,21 @@ Sample a continuation from any checkpoint and print it with its speed.
     python sample.py --ckpt /path/to/Mistral-7B-v0.1 --prompt "The capital of France is"
     python sample.py --ckpt DIR --prompt "..." --temperature 0 --max_new_tokens 50
     python sample.py --ckpt DIR --prompt "a" --prompt "b"     # a batch of prompts
-    python sample.py --ckpt out/ckpt --prompt "Problem: 2+3=?\\nSolution:" --think --show_thoughts
+    python sample.py --ckpt out/ckpt --prompt "3+4*2-5=" --show_thoughts     # the default run's model
+    python sample.py --ckpt DIR --prompt "Q: 2+3=?\\nA:" --stop "\\n"          # stop at the line's end
 
 Checkpoints: a plain Mistral in Hugging Face layout (config.json + *.safetensors) or Mistral's
 (params.json + consolidated.*), a checkpoint of train.py (out/ckpt), or the authors' released
 Quiet-STaR layout (ezelikman/quietstar-8-ahead; pass --n_thought_tokens 5). With --think a
-Quiet-STaR checkpoint thinks before every token (--show_thoughts prints each thought inline,
-between <|startthought|> and <|endthought|>, before the token it led to); without, it decodes
-plainly. The tokenizer is the checkpoint's own vocab.json (a compact vocabulary) or
-tokenizer.model, else the Mistral-7B-v0.1 one in assets/ (tokenizer.load_tokenizer). "\\n" in a prompt is a newline.
+Quiet-STaR checkpoint thinks before every token (--show_thoughts prints the continuation,
+then each thought on a line of its own with the token it led to); without, it decodes
+plainly. A continuation ends at EOS, at the first --stop string (kept), or after
+--max_new_tokens. The arithmetic model (a compact vocabulary) gets one new token by
+default: its answer is one symbol, and it never learned to write EOS after it (the data
+loader masks EOS as a target, as the official one does). The tokenizer is the
+checkpoint's own vocab.json (a compact vocabulary) or tokenizer.model, else the
+Mistral-7B-v0.1 one in assets/ (tokenizer.load_tokenizer). "\\n" in a prompt or a stop
+string is a newline.
 """
 
 import argparse
@@ -22,10 +28,10 @@ from dataclasses import replace
 import torch
 
 from checkpoint import read_quietstar_config
-from cli import at_least, check_device, run, short_errors
+from cli import HelpFormatter, at_least, check_checkpoint_dir, check_device, run, short_errors
 from model import Transformer, read_config, tensor_names
 from quietstar import RELEASED_NAMES, QuietStar
-from tokenizer import check_vocabulary, load_tokenizer
+from tokenizer import CharTokenizer, check_vocabulary, load_tokenizer
 
 
 def load(args):
@@ -43,44 +49,86 @@ def load(args):
     return qs.eval(), True
 
 
-def with_thoughts(tokenizer, prompt_ids, new_ids, thoughts):
-    """The continuation with each token's thought shown before it."""
-    parts, ids = [], list(prompt_ids)
+def thought_lines(tokenizer, prompt_ids, new_ids, thoughts):
+    """One line per new token: its thought, then the token it led to (quoted, so that spaces
+    and newlines show)."""
+    lines, ids = [], list(prompt_ids)
     for token, thought in zip(new_ids, thoughts):
         before = tokenizer.decode(ids)
         ids.append(token)
         shown = tokenizer.decode(ids)[len(before):]
-        parts.append(f"<|startthought|>{tokenizer.decode(thought)}<|endthought|>{shown}")
-    return "".join(parts)
+        lines.append(f"  <|startthought|>{tokenizer.decode(thought)}<|endthought|> -> {shown!r}")
+    return lines
+
+
+def cut_at_stop(tokenizer, prompt_ids, new_ids, stops):
+    """The new tokens up to the one that completes the first stop string (all, if none does)."""
+    start = len(tokenizer.decode(prompt_ids))
+    if not any(stop in tokenizer.decode(prompt_ids + new_ids)[start:] for stop in stops):
+        return new_ids
+    for n in range(1, len(new_ids) + 1):
+        if any(stop in tokenizer.decode(prompt_ids + new_ids[:n])[start:] for stop in stops):
+            return new_ids[:n]
+
+
+def generate(model, is_quietstar, tokenizer, prompts, args, sampling):
+    """-> (new tokens, their thoughts) per prompt. With stop strings, in chunks of 16 tokens,
+    so that sampling ends soon after every continuation has met one."""
+    new, thoughts = [[] for _ in prompts], [[] for _ in prompts]
+    active = list(range(len(prompts)))            # still going; all have len(new[b]) tokens
+    while active:
+        n = min(16 if args.stop else args.max_new_tokens, args.max_new_tokens - len(new[active[0]]))
+        batch = [prompts[b] + new[b] for b in active]
+        if is_quietstar:
+            outs, rows = model.generate(batch, n, think=args.think, return_thoughts=True, **sampling)
+        else:
+            outs, rows = model.generate(batch, n, **sampling), [[] for _ in batch]
+        still = []
+        for b, out, row in zip(active, outs, rows):
+            new[b], thoughts[b] = new[b] + out, thoughts[b] + row
+            cut = cut_at_stop(tokenizer, prompts[b], new[b], args.stop)
+            if len(out) == n and len(cut) == len(new[b]) and len(cut) < args.max_new_tokens:
+                still.append(b)                   # no EOS, no stop string, room left
+            new[b], thoughts[b] = cut, thoughts[b][:len(cut)]
+        active = still
+    return new, thoughts
 
 
 def main():
-    p = short_errors(argparse.ArgumentParser(description=__doc__,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter))
-    p.add_argument("--ckpt", required=True, help="checkpoint directory")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
-    p.add_argument("--max_new_tokens", type=at_least(1), default=100)
+    p = short_errors(argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter))
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (e.g. out/ckpt)")
+    p.add_argument("--prompt", action="append", required=True, help="the text to continue; repeat for a batch")
+    p.add_argument("--max_new_tokens", type=at_least(1), default=None,
+                   help="at most this many new tokens (default: 1 for the arithmetic model, whose answer "
+                        "is one symbol; else 100)")
+    p.add_argument("--stop", action="append", default=[],
+                   help="end a continuation at this string, kept (repeatable; EOS always ends one)")
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top_k", type=at_least(1), default=None)
-    p.add_argument("--top_p", type=float, default=0.9, help="in (0, 1]")
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--top_k", type=at_least(1), default=None, help="sample among the k likeliest tokens (None: all)")
+    p.add_argument("--top_p", type=float, default=0.9, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--seed", type=int, default=1337, help="sampling seed")
     p.add_argument("--think", action="store_true", help="Quiet-STaR checkpoints: think before every token")
-    p.add_argument("--show_thoughts", action="store_true", help="print each thought inline (implies --think)")
+    p.add_argument("--show_thoughts", action="store_true",
+                   help="print each token's thought, one per line (implies --think)")
     p.add_argument("--n_thought_tokens", type=at_least(1), default=None,
-                   help="thought length override (5 for ezelikman/quietstar-8-ahead)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                   help="thought length override (5 for ezelikman/quietstar-8-ahead; None: the checkpoint's)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:N or mps")
     p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
-                   choices=["float32", "bfloat16", "float16"])
+                   choices=["float32", "bfloat16", "float16"], help="weights and compute")
     args = p.parse_args()
     if not (args.temperature >= 0 and args.temperature != float("inf")):
         p.error(f"--temperature {args.temperature}: must be a finite number >= 0")
     if not 0 < args.top_p <= 1:
         p.error(f"--top_p {args.top_p}: must be in (0, 1]")
     check_device(args.device)
+    check_checkpoint_dir(args.ckpt)
     args.think = args.think or args.show_thoughts
+    args.stop = [stop.replace("\\n", "\n") for stop in args.stop]
 
     read_config(args.ckpt)                          # a clear error before anything else
     tokenizer = load_tokenizer(args.ckpt)
+    args.max_new_tokens = args.max_new_tokens or (1 if isinstance(tokenizer, CharTokenizer) else 100)
     t0 = time.perf_counter()
     model, is_quietstar = load(args)
     plain = model.model if is_quietstar else model
@@ -94,19 +142,16 @@ def main():
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     eos_id=tokenizer.eos_id, generator=generator)
     t0 = time.perf_counter()
-    if is_quietstar:
-        outputs, thoughts = model.generate(prompts, args.max_new_tokens, think=args.think,
-                                           return_thoughts=True, **sampling)
-    else:
-        outputs = model.generate(prompts, args.max_new_tokens, **sampling)
+    outputs, thoughts = generate(model, is_quietstar, tokenizer, prompts, args, sampling)
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     for b, (text, new_tokens) in enumerate(zip(texts, outputs)):
         print("-" * 80)
-        shown = with_thoughts(tokenizer, prompts[b], new_tokens, thoughts[b]) if args.show_thoughts \
-            else tokenizer.decode(prompts[b] + new_tokens)[len(tokenizer.decode(prompts[b])):]
-        print(text + shown)
+        print(text + tokenizer.decode(prompts[b] + new_tokens)[len(tokenizer.decode(prompts[b])):])
+        if args.show_thoughts:
+            print("thoughts, one per new token (the thought, then the token it led to):")
+            print("\n".join(thought_lines(tokenizer, prompts[b], new_tokens, thoughts[b])))
     n_new = sum(len(o) for o in outputs)
     print("-" * 80)
     print(f"{n_new} new tokens in {elapsed:.2f}s: {n_new / elapsed:.1f} tokens/s "

@@ -1,9 +1,9 @@
-"""
+r"""
 Quiet-STaR training, in one readable loop, from one CPU to many GPUs.
 
-    python train.py                          # = config/arith.py: a tiny model learns to think (CPU, minutes)
-    python train.py --init_from=scratch      # any argument: TrainConfig's defaults (tiny model, math corpus)
-    python train.py --max_steps=20 --device=cpu
+    python train.py                          # the defaults: a tiny model learns to think (CPU, minutes)
+    python train.py --max_steps=200          # the same run, only longer
+    python train.py config/math.py           # a 9M model from scratch on a small math corpus
     python train.py config/quietstar_mistral7b.py --init_from=/path/to/Mistral-7B-v0.1
     torchrun --standalone --nproc_per_node=8 train.py config/quietstar_mistral7b.py \
         --init_from=/path/to/Mistral-7B-v0.1                        # 8 GPUs, FSDP2
@@ -48,58 +48,60 @@ from quietstar import QuietStar, QuietStarConfig, quietstar_loss, step_flops
 from tokenizer import check_vocabulary, load_tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CONFIG = "config/arith.py"   # what `python train.py` runs: thinking that helps, on a CPU
 
 
 @dataclass
 class TrainConfig:
+    # The defaults are what a bare `python train.py` runs: the arithmetic demo (a tiny model
+    # that learns to think on a CPU in minutes). Each comment says why it differs from the
+    # paper's run (config/quietstar_mistral7b.py); other runs are config files (config/).
     # what to train, from where, to where
-    init_from: str = "scratch"       # "scratch" (a preset), a checkpoint directory, or "resume"
-    preset: str = "tiny"             # model preset for init_from=scratch
+    init_from: str = "data/arith/base"   # a checkpoint dir, "scratch" (a preset) or "resume"; the paper: Mistral-7B
+    preset: str = "tiny"             # model preset for init_from=scratch (see model.PRESETS)
     mode: str = "quietstar"          # "quietstar", or "lm" for plain next-token fine-tuning
-    out_dir: str = "out"
-    # data (see dataloader.py); data/math is prepared automatically on first use
-    data: str = "data/math/train"    # path prefix of NAME.bin + NAME.idx.npy
-    val_data: str = "data/math/val"
+    out_dir: str = "out"             # where ckpt/ and metrics.jsonl go
+    # data (see dataloader.py); data/arith and data/math are prepared automatically on first use
+    data: str = "data/arith/train"   # path prefix of NAME.bin + NAME.idx.npy; answer-only problems, not OpenWebMath
+    val_data: str = ""               # validation loss data (with eval_interval)
     n_documents: int = 0             # use only the first N documents (0: all); the paper: 1000
-    seq_len: int = 64                # the paper: 256
-    docs_per_step: int = 4           # documents per optimizer step; the paper: 8
-    micro_batch_size: int = 2        # documents per forward/backward on one process
-    seed: int = 42
+    seq_len: int = 11                # BOS + one problem + EOS (the paper: 256-token windows)
+    docs_per_step: int = 32          # documents per optimizer step: more, shorter ones (the paper: 8)
+    micro_batch_size: int = 32       # documents per forward/backward on one process
+    seed: int = 42                   # data order, thoughts and new weights
     # Quiet-STaR (see quietstar.py); the paper: 9 thought tokens, 4 talk steps, 2 thoughts
-    n_thought_tokens: int = 4
-    n_talk: int = 2
-    n_thoughts: int = 2
-    policy_weight: float = 1e6
-    reinforce_temperature: float = 3.0
-    base_loss_weight: float = 0.5
-    positive_advantage_only: bool = True
-    embedding_scale: float = 100.0
-    delimiter_init_id: int = 11940   # token whose embedding starts <start> and <end> ('▁---')
+    n_thought_tokens: int = 5        # room for the three steps "7,4,9" (the paper: 9)
+    n_talk: int = 1                  # the answer is one symbol (the paper: 4)
+    n_thoughts: int = 2              # as the paper
+    policy_weight: float = 1.0       # REINFORCE on the NLL's scale (the paper: 1e6)
+    reinforce_temperature: float = 3.0   # as the paper
+    base_loss_weight: float = 0.5    # as the paper
+    positive_advantage_only: bool = True   # as the paper
+    embedding_scale: float = 1.0     # delimiters learn at the common lr (the paper: 100x, at lr 1e-6)
+    delimiter_init_id: int = 17      # token whose embedding starts <start> and <end>: '|' here (the paper: '---')
     # optimisation: AdamW on every parameter (weight decay too, as the official run)
-    learning_rate: float = 1e-3      # the paper: 1e-6 (on a pretrained model)
-    weight_decay: float = 1e-3
-    beta1: float = 0.9
-    beta2: float = 0.999
+    learning_rate: float = 1e-3      # a tiny model learns fast (the paper: 1e-6 on Mistral-7B)
+    weight_decay: float = 1e-3       # as the paper
+    beta1: float = 0.9               # AdamW betas, as the paper
+    beta2: float = 0.999             # as the paper
     warmup_steps: int = 10           # linear warm-up, then constant (the paper: 20)
-    max_steps: int = 60              # the paper: 100
-    grad_clip: float = 1.0
+    max_steps: int = 100             # as the paper
+    grad_clip: float = 1.0           # as the paper
     # system
-    device: str = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"   # cpu, cuda, cuda:N or mps
+    dtype: str = "bfloat16" if torch.cuda.is_available() else "float32"  # compute dtype (float32, bfloat16, float16)
     pure_bf16: bool = False          # bf16 weights and optimizer state, as the official run
     fsdp: bool = True                # with several processes: FSDP2 if True, else DDP
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False   # recompute activations in backward (less memory)
     compile: bool = False            # torch.compile each transformer block (for GPU runs; needs a compiler)
     # logging and checkpoints
-    log_interval: int = 1
+    log_interval: int = 1            # print and log a step line every N steps
     thought_interval: int = 20       # show one sampled thought every N steps (0: never)
     eval_interval: int = 0           # validation loss every N steps (0: never)
-    eval_batches: int = 4
+    eval_batches: int = 4            # micro-batches of val_data per validation loss
     eval_paper_examples: int = 0     # with eval_interval: the paper's GSM8K/CSQA metric on N examples
-    save_interval: int = 50
+    save_interval: int = 100         # save every N steps (and at the last step)
     overwrite: bool = False          # a fresh run may replace a checkpoint already in out_dir
-    final_eval: str = ""             # "arith": held-out accuracy with vs without thinking at the end
+    final_eval: str = "arith"        # "arith": held-out accuracy with vs without thinking at the end ("": none)
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
 
@@ -135,7 +137,7 @@ def check_settings(cfg):
                          f"micro_batch_size={cfg.micro_batch_size}")
     if cfg.mode not in ("quietstar", "lm"):
         raise SystemExit(f"mode={cfg.mode!r}: expected 'quietstar' or 'lm'")
-    if cfg.init_from == "scratch" and cfg.preset not in PRESETS:
+    if cfg.preset not in PRESETS:
         raise SystemExit(f"preset={cfg.preset!r}: expected one of {', '.join(PRESETS)}")
     check_dtype(cfg.dtype)
     check_device(cfg.device)
@@ -338,14 +340,15 @@ def average_metrics(per_micro, world_size):
 
 def resume_settings(argv):
     """For init_from=resume: the saved settings, with this command line's overrides on top,
-    and the step of the newest complete checkpoint (an interrupted save is finished first)."""
+    the step of the newest complete checkpoint (an interrupted save is finished first) and
+    the run's id."""
     overrides = read_overrides(argv)
     out_dir = make_settings(TrainConfig, dict(overrides)).out_dir
     state = checkpoint.resume_state(out_dir, master=int(os.environ.get("RANK", 0)) == 0)
     known = {f.name for f in fields(TrainConfig)}
     saved = {k: v for k, v in state["config"].items() if k in known}
     cfg = check_settings(make_settings(TrainConfig, {**saved, **overrides, "init_from": "resume"}))
-    return cfg, state["step"]
+    return cfg, state["step"], str(state.get("run_id", ""))
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +388,14 @@ def data_path(path):
     return path if os.path.isabs(path) else os.path.join(HERE, path)
 
 
+def check_not_empty(documents):
+    """A data file whose documents hold no token would train on padding only (a NaN loss)."""
+    if len(documents.tokens) == 0:
+        raise SystemExit(f"{documents.bin_file}: holds 0 tokens ({len(documents)} empty "
+                         f"document(s)); nothing to train on")
+    return documents
+
+
 def show_thought(model, tokenizer, tokens, valid, cfg, step):
     """Print the text around one position with the thought sampled there."""
     thoughts = sample_thoughts(model, tokens[:1], valid[:1], [0], cfg, step)
@@ -420,11 +431,14 @@ def paper_metric_during_training(model, tokenizer, cfg):
 
 
 def main(argv):
-    argv = argv or [os.path.join(HERE, DEFAULT_CONFIG)]   # no arguments: the classroom run
     cfg = parse_config(argv)
-    start_step = 0
+    start_step, run_id = 0, os.urandom(4).hex()    # the id ties a run's metrics to its checkpoints
     if cfg.init_from == "resume":
-        cfg, start_step = resume_settings(argv)
+        cfg, start_step, run_id = resume_settings(argv)
+        if start_step >= cfg.max_steps:
+            print(f"{cfg.out_dir}: this run is finished (its checkpoint is at step {start_step}, "
+                  f"max_steps={cfg.max_steps}); to train on, resume with --max_steps=N, N > {start_step}")
+            return
     rank, world_size, device = setup_distributed(cfg)
     master = rank == 0
     fsdp = cfg.fsdp and world_size > 1
@@ -443,7 +457,7 @@ def main(argv):
     if world_size > 1:
         dist.barrier()
     n_micro = cfg.docs_per_step // cfg.micro_batch_size // world_size   # micro-batches per process and step
-    documents = Documents(data_path(cfg.data))
+    documents = check_not_empty(Documents(data_path(cfg.data)))
     batches = Batches(documents, cfg.seq_len, cfg.docs_per_step, cfg.micro_batch_size,
                       cfg.seed, n_documents=cfg.n_documents or None)
 
@@ -474,13 +488,17 @@ def main(argv):
     autocast = autocast_context("cuda", cfg, fsdp) if device.startswith("cuda") else nullcontext()
     val_batches = None
     if cfg.eval_interval and cfg.val_data:
-        val_batches = Batches(Documents(data_path(cfg.val_data)), cfg.seq_len, cfg.micro_batch_size,
+        val_batches = Batches(check_not_empty(Documents(data_path(cfg.val_data))), cfg.seq_len, cfg.micro_batch_size,
                               cfg.micro_batch_size, cfg.seed)
+    metrics_path = checkpoint.prepare_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite,
+                                              start_step, master, run_id)
+    replacing = metrics_path.endswith(run_id)     # an earlier run stays whole until our first save
     if master:
-        checkpoint.prepare_out_dir(cfg.out_dir, cfg.init_from == "resume", cfg.overwrite, start_step, master)
         os.makedirs(cfg.out_dir, exist_ok=True)
         if created_out_dir:                       # a run that fails before its first step leaves nothing
             atexit.register(checkpoint.remove_if_empty, cfg.out_dir)
+        if replacing:                             # a run that fails before its first save leaves no trace
+            atexit.register(checkpoint.remove_file, metrics_path)
     if world_size > 1:
         dist.barrier()
     n_params = sum(p.numel() for p in model.parameters()) * (world_size if fsdp else 1)
@@ -500,7 +518,7 @@ def main(argv):
     stop = {"signal": None, "step": start_step + 1}
     install_signal_handlers(stop, master, cfg.out_dir)
     model.train()
-    metrics_file = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+    metrics_file = open(metrics_path, "a") if master else None
     t_start = time.time()
     step = start_step
     for step in range(start_step, cfg.max_steps):
@@ -576,21 +594,25 @@ def main(argv):
             if not checkpoint.weights_are_finite(model, world_size):
                 stop_non_finite(done, "weights after the update", cfg, master)
             checkpoint.save_checkpoint(model, optimizer, asdict(cfg), done, rank, world_size, fsdp,
-                                       tokenizer.path)
+                                       tokenizer.path, run_id)
+            if master and replacing:              # the earlier run's checkpoint is gone: its metrics go too
+                checkpoint.finish_replacing(cfg.out_dir, run_id)
+                replacing = False
             if master:
                 print(f"  saved {cfg.out_dir}/ckpt (step {done})", flush=True)
         if stop["signal"]:
             if master:
-                print(f"stopped by signal {stop['signal']} after step {done}; resume with "
-                      f"--init_from=resume --out_dir={cfg.out_dir}")
+                print(f"stopped by signal {stop['signal']} after step {done} of {cfg.max_steps}, so no "
+                      f"final evaluation; resume with --init_from=resume --out_dir={cfg.out_dir}")
             break
 
     if master and cfg.mode == "quietstar" and start_step < cfg.max_steps and not fsdp and not stop["signal"]:
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
-    if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp:
+    if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp and not stop["signal"]:
         from data.arith.report import load_test, thinking_summary
-        thinking_summary(model, tokenizer, load_test(), cfg.seed)
+        results = thinking_summary(model, tokenizer, load_test(), cfg.seed)   # {name: (mean, stderr, n)}
+        metrics_file.write(json.dumps({"step": cfg.max_steps, **results}) + "\n")   # for plot_run.py
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -4,6 +4,9 @@
 #   python data/openwebmath/prepare.py --n_docs 1000
 #   torchrun --standalone --nproc_per_node=8 train.py config/quietstar_mistral7b.py \
 #       --init_from=/path/to/Mistral-7B-v0.1
+init_from = "Mistral-7B-v0.1"    # the weights' directory (see the README); or pass --init_from=PATH
+preset = "mistral-7b"
+mode = "quietstar"
 data = "data/openwebmath/train"
 val_data = ""
 n_documents = 1000
@@ -14,6 +17,11 @@ n_thought_tokens = 9
 n_talk = 4
 n_thoughts = 2
 policy_weight = 1e6
+reinforce_temperature = 3.0
+base_loss_weight = 0.5
+positive_advantage_only = True
+embedding_scale = 100.0
+delimiter_init_id = 11940       # '▁---'
 learning_rate = 1e-6
 weight_decay = 1e-3
 warmup_steps = 20
@@ -22,4 +30,5 @@ grad_clip = 1.0
 activation_checkpointing = True
 thought_interval = 10
 save_interval = 100
+final_eval = ""
 out_dir = "out-quietstar-mistral7b"

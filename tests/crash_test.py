@@ -27,7 +27,7 @@ sys.path.insert(0, ROOT)
 import checkpoint  # noqa: E402
 from dataloader import write_documents  # noqa: E402
 
-SETTINGS = ["--seq_len=16", "--n_thought_tokens=2", "--n_talk=2", "--docs_per_step=4",
+SETTINGS = ["config/math.py", "--seq_len=16", "--n_thought_tokens=2", "--n_talk=2", "--docs_per_step=4",
             "--micro_batch_size=2", "--thought_interval=0", "--device=cpu", "--dtype=float32",
             "--warmup_steps=2", "--save_interval=1"]
 

@@ -131,8 +131,32 @@ def test_fresh_run_refuses_an_out_dir_with_a_checkpoint(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1}\n')
     with pytest.raises(SystemExit, match=r"already holds a checkpoint \(step 3\).*--init_from=resume.*--overwrite=True"):
         checkpoint.prepare_out_dir(str(tmp_path), False, False, 0, True)
-    checkpoint.prepare_out_dir(str(tmp_path), False, True, 0, True)  # overwrite: both runs' files go
-    assert os.listdir(tmp_path) == []
+    # overwrite: nothing goes yet; the new run logs beside the old metrics until its first save
+    before = {n: open(tmp_path / n, "rb").read() for n in ("metrics.jsonl", "ckpt/state.json")}
+    path = checkpoint.prepare_out_dir(str(tmp_path), False, True, 0, True, run_id="ab12")
+    assert path == str(tmp_path / "metrics.jsonl.new-ab12")
+    assert before == {n: open(tmp_path / n, "rb").read() for n in before}
+    with open(path, "w") as f:
+        f.write('{"step": 1, "loss": 2}\n')
+    save(model, optimizer, tmp_path, 1)                      # the new run's first save
+    checkpoint.finish_replacing(str(tmp_path), "ab12")
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "metrics.jsonl"]
+    assert open(tmp_path / "metrics.jsonl").read() == '{"step": 1, "loss": 2}\n'
+
+
+def test_a_replacement_killed_around_its_first_save(tmp_path):
+    """Killed after its first save but before its metrics replaced the old ones: resuming adopts
+    the metrics of the run the checkpoint belongs to; a leftover of another run is dropped."""
+    model, optimizer = tiny()
+    checkpoint.save_checkpoint(model, optimizer, {"out_dir": str(tmp_path)}, 2, 0, 1, False, VENDORED, "new1")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9}\n{"step": 5, "loss": 9}\n')   # the old run's
+    (tmp_path / "metrics.jsonl.new-new1").write_text('{"step": 1, "loss": 1}\n{"step": 2, "loss": 1}\n')
+    (tmp_path / "metrics.jsonl.new-old0").write_text('{"step": 1, "loss": 5}\n')
+    state = checkpoint.resume_state(str(tmp_path))
+    assert state["run_id"] == "new1"
+    checkpoint.prepare_out_dir(str(tmp_path), True, False, state["step"], True, state["run_id"])
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "metrics.jsonl"]
+    assert [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl")] == [1, 1]
 
 
 def test_resume_drops_metrics_of_unsaved_steps(tmp_path):
@@ -153,3 +177,43 @@ def test_an_empty_out_dir_is_removed(tmp_path):
     (tmp_path / "kept" / "metrics.jsonl").write_text("{}\n")
     checkpoint.remove_if_empty(str(tmp_path / "kept"))
     assert (tmp_path / "kept").exists()
+
+
+def run_train(args, out_dir):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, os.path.join(root, "train.py"), "--docs_per_step=4", "--micro_batch_size=4",
+                           "--thought_interval=0", "--device=cpu", f"--out_dir={out_dir}"] + args,
+                          capture_output=True, text=True, timeout=300, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_a_stopped_run_skips_the_final_evaluation_and_a_finished_one_says_so(tmp_path):
+    """SIGINT during the arithmetic run: it saves, says that it skips the final evaluation and
+    does not print one; resumed to its end it evaluates once; resumed again it says it is finished."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, os.path.join(root, "train.py"), "--docs_per_step=4",
+                                 "--micro_batch_size=4", "--thought_interval=0", "--device=cpu",
+                                 "--max_steps=100000", f"--out_dir={tmp_path / 'out'}"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.time() + 240
+        while time.time() < deadline and "step 1/" not in log.read_text():
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=240)
+    text = log.read_text()
+    assert proc.returncode == 0, text
+    assert "so no final evaluation" in text and "thinking helps" not in text
+    step = json.load(open(tmp_path / "out" / "ckpt" / "state.json"))["step"]
+    done = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
+    assert done.returncode == 0 and done.stdout.count("thinking helps: exact accuracy") == 1, done.stderr
+    again = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
+    assert again.returncode == 0, again.stderr
+    assert f"this run is finished (its checkpoint is at step {step + 1}, max_steps={step + 1})" in again.stdout
+    assert "thinking helps" not in again.stdout and "steps" not in again.stdout.split("finished")[0]

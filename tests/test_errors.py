@@ -30,11 +30,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("--grad_clip=-1", "grad_clip=-1.0: must be a finite number > 0"),
     ("--learning_rate=inf", "learning_rate=inf: must be a finite number >= 0 and <= 1e+30"),
     ("--beta2=1.5", "beta2=1.5: must be a finite number >= 0 and <= 0.999999"),
-    ("--seq_len=2", "seq_len=2: must be a finite number >= 3"),              # n_talk 2 + 1
+    ("--seq_len=1", "seq_len=1: must be a finite number >= 2"),              # n_talk 1 + 1
     ("--dtype=foo", "dtype='foo': expected one of float32, bfloat16, float16"),
     ("--mode=foo", "mode='foo': expected 'quietstar' or 'lm'"),
     ("--preset=huge", "preset='huge': expected one of"),
-    ("--docs_per_step=3", "docs_per_step=3 must be a multiple of micro_batch_size=2"),
+    ("--docs_per_step=3", "docs_per_step=3 must be a multiple of micro_batch_size=32"),
     ("--device=tpu", "device='tpu': expected cpu, cuda, cuda:N or mps"),
 ])
 def test_settings_out_of_range_name_the_allowed_range(arg, message):
@@ -51,7 +51,7 @@ def test_space_separated_values_and_help(capsys):
         parse_config(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    assert "--n_thought_tokens=4" in text and "the paper: 9 thought tokens" in text
+    assert "--n_thought_tokens=5" in text and "the paper: 9 thought tokens" in text
     assert "--overwrite=False" in text and "a fresh run may replace a checkpoint" in text
 
 
@@ -194,3 +194,181 @@ def test_command_lines_answer_in_two_lines_without_a_traceback(tmp_path):
     assert "config.json: not valid JSON" in run_tool(["sample.py", "--ckpt", path, "--prompt", "x"]).stderr
     debug = run_tool(["sample.py", "--ckpt", path, "--prompt", "x", "--device", "cpu"], {"QUIETSTAR_DEBUG": "1"})
     assert "Traceback" in debug.stderr                    # kept for those who ask
+
+
+# -----------------------------------------------------------------------------
+# a failed start never touches the checkpoint on disk
+
+# the default (arithmetic) run, cut to a few small steps
+QUICK = ["--docs_per_step=4", "--micro_batch_size=4", "--thought_interval=0", "--final_eval=",
+         "--device=cpu", "--dtype=float32"]
+
+
+def snapshot(folder):
+    """Every file under folder and its bytes."""
+    found = {}
+    for where, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(where, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
+
+
+def train_run(args, out_dir):
+    return run_tool(["train.py"] + QUICK + args + [f"--out_dir={out_dir}"])
+
+
+def short_error(done):
+    """The error lines of a failed command: one or two, no traceback."""
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stdout[-1000:] + done.stderr
+    lines = [line for line in done.stderr.splitlines() if line and not line.startswith("(run with")]
+    assert 1 <= len(lines) <= 2, done.stderr
+    return done.stderr
+
+
+@pytest.fixture(scope="module")
+def earlier_run(tmp_path_factory):
+    """out/ with a 1-step run's checkpoint and metrics, to be kept whole by failed starts."""
+    out = tmp_path_factory.mktemp("earlier") / "out"
+    done = train_run(["--max_steps=1"], out)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_saves(earlier_run, tmp_path):
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(earlier_run, out)
+    before = snapshot(out)
+    empty = tmp_path / "empty"
+    write_documents(str(empty), [[], []])                 # two documents, zero tokens
+    # a bad setting, a data file without tokens, and a run that fails at its second step
+    # (before its first save): each ends in a line or two, and the earlier run stays whole
+    assert "seq_len=1: must be a finite number >= 2" in short_error(
+        train_run(["--overwrite=True", "--seq_len=1"], out))
+    assert f"{empty}.bin: holds 0 tokens (2 empty document(s)); nothing to train on" in short_error(
+        train_run(["--overwrite=True", f"--data={empty}"], out))
+    done = train_run(["--overwrite=True", "--max_steps=4", "--learning_rate=1e30", "--grad_clip=1e30",
+                      "--warmup_steps=1"], out)
+    assert done.returncode == 1 and "non-finite" in done.stdout, done.stdout + done.stderr
+    assert snapshot(out) == before
+    # a run that saves replaces both the checkpoint and the metrics
+    done = train_run(["--overwrite=True", "--max_steps=2", "--seed=7"], out)
+    assert done.returncode == 0, done.stderr
+    assert sorted(os.listdir(out)) == ["ckpt", "metrics.jsonl"]
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    assert json.load(open(out / "ckpt" / "state.json"))["config"]["seed"] == 7
+
+
+def damage(path, how):
+    """Damage one file of the checkpoint directory path; 'sealed' ones get a matching manifest
+    (the sizes agree, the contents do not)."""
+    if how == "state.json not JSON":
+        (path / "state.json").write_text("{this is not JSON")
+    elif how == "state.json not JSON, sealed":
+        size = os.path.getsize(path / "state.json")
+        (path / "state.json").write_text("{" * size)
+    elif how == "optimizer truncated":
+        with open(path / "optimizer.rank0.pt", "r+b") as f:
+            f.truncate(100)
+    elif how == "optimizer missing":
+        os.remove(path / "optimizer.rank0.pt")
+    elif how == "manifest not JSON":
+        (path / "manifest.json").write_text("{oops")
+    elif how == "optimizer runs code, sealed":
+        torch.save({"state": {}, "param_groups": [], "evil": Evil(str(path.parent / "ran"))},
+                   path / "optimizer.rank0.pt")
+    if how.endswith("sealed"):
+        step = json.load(open(path / "manifest.json"))["step"]
+        checkpoint.write_manifest(str(path), step)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("state.json not JSON", r"ckpt/state.json: 17 bytes, manifest.json says [\d,]+ \(truncated, or changed after saving\)"),
+    ("state.json not JSON, sealed", r"ckpt/state.json: not valid JSON"),
+    ("optimizer truncated", r"ckpt/optimizer.rank0.pt: 100 bytes, manifest.json says [\d,]+ \(truncated"),
+    ("optimizer missing", r"ckpt/optimizer.rank0.pt: missing \(listed in manifest.json\)"),
+    ("manifest not JSON", r"ckpt/manifest.json: not a valid manifest"),
+])
+def test_a_damaged_checkpoint_file_is_named_and_nothing_changes(earlier_run, tmp_path, how, message):
+    import re
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(earlier_run, out)
+    damage(out / "ckpt", how)
+    before = snapshot(out)
+    with pytest.raises((SystemExit, ValueError)) as failed:
+        checkpoint.resume_state(str(out))
+    assert re.search(message, str(failed.value)), str(failed.value)
+    assert snapshot(out) == before
+
+
+def test_a_fresh_run_keeps_a_damaged_checkpoint(earlier_run, tmp_path):
+    """Refused without --overwrite (its owner may repair it); with it, kept until the first save."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(earlier_run, out)
+    damage(out / "ckpt", "optimizer truncated")
+    before = snapshot(out)
+    assert "holds a damaged checkpoint" in short_error(train_run(["--max_steps=1"], out))
+    done = train_run(["--overwrite=True", "--max_steps=4", "--learning_rate=1e30", "--grad_clip=1e30",
+                      "--warmup_steps=1"], out)
+    assert done.returncode == 1 and "non-finite" in done.stdout
+    assert snapshot(out) == before
+
+
+def test_resuming_a_damaged_checkpoint_from_the_command_line(earlier_run, tmp_path):
+    """Through train.py: two lines naming the file, no code from a pickle runs, nothing changes."""
+    import shutil
+    for how, message in (("state.json not JSON", "ckpt/state.json: 17 bytes, manifest.json says"),
+                         ("optimizer runs code, sealed",
+                          "ckpt/optimizer.rank0.pt: not a readable weights-only optimizer file")):
+        out = tmp_path / how.replace(" ", "_").replace(",", "") / "out"
+        shutil.copytree(earlier_run, out)
+        damage(out / "ckpt", how)
+        before = snapshot(out)
+        error = short_error(train_run(["--init_from=resume", "--max_steps=3"], out))
+        assert message in error.splitlines()[0]
+        assert snapshot(out) == before and not (out.parent / "ran").exists()
+
+
+def test_quietstar_json_errors_name_the_file(tmp_path):
+    from quietstar import QuietStar
+    path = make_tiny(tmp_path / "ckpt", "quietstar")
+    for text, message in (("{oops", "quietstar.json: not valid JSON"),
+                          ('{"n_ahead": 9}', "quietstar.json: unknown setting 'n_ahead'")):
+        with open(os.path.join(path, "quietstar.json"), "w") as f:
+            f.write(text)
+        with pytest.raises(ValueError, match=message) as failed:
+            QuietStar.from_pretrained(path)
+        assert len(str(failed.value).splitlines()) <= 2
+    done = run_tool(["sample.py", "--ckpt", path, "--prompt", "x", "--device", "cpu"])
+    assert "quietstar.json: unknown setting 'n_ahead'" in short_error(done)
+
+
+def test_a_run_folder_given_for_its_checkpoint(earlier_run):
+    for tool in (["evaluate.py"], ["sample.py", "--prompt", "1+1="]):
+        error = short_error(run_tool(tool + ["--ckpt", str(earlier_run), "--device", "cpu"]))
+        assert f"--ckpt {earlier_run}: a training run's folder, not a checkpoint; did you mean " \
+               f"--ckpt {earlier_run / 'ckpt'}?" in error
+
+
+def test_a_failed_html_page_leaves_no_file(earlier_run, tmp_path):
+    page = tmp_path / "page.html"
+    error = short_error(run_tool(["evaluate.py", "--ckpt", str(earlier_run / "ckpt"), "--html", str(page),
+                                 "--text", "3/4=", "--device", "cpu"]))
+    assert "not in the vocabulary" in error
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_defaults_are_the_arithmetic_run_and_one_argument_changes_one_setting():
+    """A bare `python train.py` runs TrainConfig's defaults; they restate config/arith.py (so
+    `python train.py config/arith.py` is the same run), and --max_steps changes only that."""
+    from dataclasses import asdict
+    bare = asdict(parse_config([]))
+    assert bare == asdict(parse_config([os.path.join(ROOT, "config", "arith.py")]))
+    longer = asdict(parse_config(["--max_steps=200"]))
+    assert {k for k in bare if bare[k] != longer[k]} == {"max_steps"}
+    assert bare["init_from"] == "data/arith/base" and bare["final_eval"] == "arith"
+    math_run = asdict(parse_config([os.path.join(ROOT, "config", "math.py")]))
+    assert math_run["init_from"] == "scratch" and math_run["data"] == "data/math/train"

@@ -13,7 +13,8 @@ from dataloader import write_documents
 from train import parse_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# a small model and short sequences, so that a step takes a fraction of a second
+# the math run's settings (config/math.py: a tiny model from scratch, Mistral's vocabulary)
+# with short sequences, so that a step takes a fraction of a second
 FAST = ["--seq_len=16", "--n_thought_tokens=2", "--n_talk=2", "--docs_per_step=4",
         "--micro_batch_size=2", "--log_interval=1", "--thought_interval=0", "--device=cpu",
         "--dtype=float32"]
@@ -30,7 +31,8 @@ def short_docs(tmp_path_factory):
 def train(args, out_dir, processes=1, check=True, timeout=300):
     launcher = [sys.executable] if processes == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-    cmd = launcher + [os.path.join(ROOT, "train.py")] + FAST + args + [f"--out_dir={out_dir}"]
+    config = [] if "--init_from=resume" in args else [os.path.join(ROOT, "config", "math.py")]  # saved on resume
+    cmd = launcher + [os.path.join(ROOT, "train.py")] + config + FAST + args + [f"--out_dir={out_dir}"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     if check:
@@ -88,20 +90,22 @@ def test_two_processes_equal_one(short_docs, tmp_path, fsdp):
 
 
 def test_default_run_finishes(tmp_path):
-    """`python train.py` as the README says, shortened to 2 steps."""
+    """`python train.py` as the README says, shortened to 2 steps: --max_steps changes only
+    that (the arithmetic run, its final evaluation included)."""
     done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2",
                            f"--out_dir={tmp_path}", "--device=cpu", "--dtype=float32"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2/2" in done.stdout and "<|startthought|>" in done.stdout
+    assert "thinking helps: exact accuracy" in done.stdout                 # the arithmetic run's end
     assert {"model.safetensors", "config.json", "quietstar.json", "state.json", "optimizer.rank0.pt",
-            "tokenizer.model", "manifest.json"} <= set(os.listdir(tmp_path / "ckpt"))
+            "vocab.json", "manifest.json"} <= set(os.listdir(tmp_path / "ckpt"))
     # the first hour goes on: sample from it, thinking, with the thoughts shown
     done = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path / "ckpt"),
-                           "--prompt", "Problem: 2+3?\\nSolution:", "--max_new_tokens=3", "--show_thoughts",
-                           "--device=cpu"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                           "--prompt", "3+4*2-5=", "--show_thoughts", "--device=cpu"],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "Problem: 2+3?\nSolution:<|startthought|>" in done.stdout and "3 new tokens" in done.stdout
+    assert "3+4*2-5=" in done.stdout and "\n  <|startthought|>" in done.stdout     # one thought a line
     # and a second fresh run into the same out_dir is refused, in one line
     again = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2",
                             f"--out_dir={tmp_path}", "--device=cpu"], capture_output=True, text=True,
@@ -120,7 +124,7 @@ def test_nan_stops_and_keeps_the_last_checkpoint(short_docs, tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint(short_docs, tmp_path):
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + FAST + \
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "math.py")] + FAST + \
         [f"--data={short_docs}", "--max_steps=10000", "--save_interval=100000", f"--out_dir={tmp_path}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.time() + 120
@@ -137,7 +141,7 @@ def test_sigterm_saves_a_checkpoint(short_docs, tmp_path):
 
 def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_at_once(short_docs, tmp_path):
     log = tmp_path / "log.txt"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py")] + FAST + \
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "math.py")] + FAST + \
         [f"--data={short_docs}", "--max_steps=10000", "--save_interval=100000", "--seq_len=256",
          "--n_thought_tokens=8", f"--out_dir={tmp_path / 'out'}"]                  # slow steps
     with open(log, "w") as out:
