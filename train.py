@@ -277,6 +277,9 @@ def micro_step(model, wrapped, tokens, valid, doc_ids, cfg, step):
     thoughts = sample_thoughts(model, tokens, valid, doc_ids, cfg, step)
     out = wrapped(tokens, thoughts, valid)
     loss, metrics = quietstar_loss(out, tokens, thoughts, valid, model.config)
+    if cfg.final_eval == "arith":        # one problem per row: w where the answer is predicted
+        from data.arith.report import answer_mix_weight
+        metrics["mix_weight_answer"] = answer_mix_weight(out, valid)
     c = model.config
     processed = B * L * (2 + c.n_thoughts * (c.branch_len + c.n_thought_tokens))   # sampling too
     return loss, metrics, processed
@@ -535,6 +538,9 @@ def main(argv):
         if master and cfg.mode == "quietstar" and cfg.thought_interval and done % cfg.thought_interval == 0 \
                 and not fsdp and not last_of_run:                   # the last one is shown below
             show_thought(model, tokenizer, tokens, valid, cfg, step)
+            if cfg.final_eval == "arith":
+                from data.arith.report import thought_report, training_examples
+                thought_report(model, tokenizer, training_examples(), cfg.seed, done)
         if val_batches and done % cfg.eval_interval == 0:
             val = validation_loss(model, wrapped, cfg, step, val_batches)
             if master:
@@ -562,8 +568,9 @@ def main(argv):
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
     if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp:
-        from data.arith.report import load_test, thinking_summary
-        thinking_summary(model, tokenizer, load_test(), cfg.seed)
+        from data.arith.report import load_test, final_report
+        base = load_model(cfg, source, rank, device, fsdp, tokenizer).to(device)   # as training started
+        final_report(model, base, tokenizer, load_test(), cfg.seed)
     if world_size > 1:
         dist.destroy_process_group()
 
