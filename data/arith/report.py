@@ -195,7 +195,7 @@ def thinking_summary(qs, tok, examples, seed=0, n_shown=3, random_thoughts=False
     print_fn(score_line(f"with {label}", thinking))
     show_thoughts(tok, examples, thinking["thoughts"], n_shown, print_fn)
     a, b = plain["exact"], thinking["exact"]
-    print_fn(f"thinking helps: exact accuracy {100 * a[0]:.1f}% ± {100 * a[1]:.1f} without thinking -> "
+    print_fn(f"without vs with thinking: exact accuracy {100 * a[0]:.1f}% ± {100 * a[1]:.1f} without thinking -> "
              f"{100 * b[0]:.1f}% ± {100 * b[1]:.1f} with {label} (n={a[2]} held-out problems)")
     return results
 
@@ -252,7 +252,12 @@ def main():
     p.add_argument("--random_thoughts", action="store_true")
     p.add_argument("--force_mixing", action="store_true", help="control (a): mixing weight 1")
     args = p.parse_args()
-    qs = QuietStar.from_pretrained(args.ckpt).eval()
+    if os.path.isfile(os.path.join(args.ckpt, "quietstar.json")):
+        qs = QuietStar.from_pretrained(args.ckpt).eval()
+    else:    # a plain model (data/arith/base): its thought slot set up as the default run sets it up
+        import train
+        cfg = train.parse_config([os.path.join(HERE, "..", "..", "config", "arith.py"), f"--seed={args.seed}"])
+        qs = train.load_model(cfg, args.ckpt, 0, "cpu", False, load_tokenizer(args.ckpt)).eval()
     with forced_mixing(qs) if args.force_mixing else contextlib.nullcontext():
         thinking_summary(qs, load_tokenizer(args.ckpt), load_test(limit=args.limit), args.seed,
                          random_thoughts=args.random_thoughts)
