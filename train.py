@@ -69,7 +69,7 @@ class TrainConfig:
     micro_batch_size: int = 32       # documents per forward/backward on one process
     seed: int = 42                   # data order, thoughts and new weights
     # Quiet-STaR (see quietstar.py); the paper: 9 thought tokens, 4 talk steps, 2 thoughts
-    n_thought_tokens: int = 5        # room for the three steps "7,4,9" (the paper: 9)
+    n_thought_tokens: int = 8        # not the length of any written steps (the paper: 9)
     n_talk: int = 1                  # the answer is one symbol (the paper: 4)
     n_thoughts: int = 2              # as the paper
     policy_weight: float = 1.0       # REINFORCE on the NLL's scale (the paper: 1e6)
@@ -77,7 +77,7 @@ class TrainConfig:
     base_loss_weight: float = 0.5    # as the paper
     positive_advantage_only: bool = True   # as the paper
     embedding_scale: float = 1.0     # delimiters learn at the common lr (the paper: 100x, at lr 1e-6)
-    delimiter_init_id: int = 17      # token whose embedding starts <start> and <end>: '|' here (the paper: '---')
+    delimiter_init_id: int = 0       # token whose embedding starts <start> and <end>: <unk>, in no text (the paper: '---')
     # optimisation: AdamW on every parameter (weight decay too, as the official run)
     learning_rate: float = 1e-3      # a tiny model learns fast (the paper: 1e-6 on Mistral-7B)
     weight_decay: float = 1e-3       # as the paper
@@ -95,13 +95,13 @@ class TrainConfig:
     compile: bool = False            # torch.compile each transformer block (for GPU runs; needs a compiler)
     # logging and checkpoints
     log_interval: int = 1            # print and log a step line every N steps
-    thought_interval: int = 20       # show one sampled thought every N steps (0: never)
+    thought_interval: int = 20       # show one sampled thought (and the arithmetic run's thought report) every N steps
     eval_interval: int = 0           # validation loss every N steps (0: never)
     eval_batches: int = 4            # micro-batches of val_data per validation loss
     eval_paper_examples: int = 0     # with eval_interval: the paper's GSM8K/CSQA metric on N examples
     save_interval: int = 100         # save every N steps (and at the last step)
     overwrite: bool = False          # a fresh run may replace a checkpoint already in out_dir
-    final_eval: str = "arith"        # "arith": held-out accuracy with vs without thinking at the end ("": none)
+    final_eval: str = "arith"        # "arith": held-out accuracy of the model and the controls at the end ("": none)
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
 
@@ -310,6 +310,9 @@ def micro_step(model, wrapped, tokens, valid, doc_ids, cfg, step, autocast=nullc
     with autocast:
         out = wrapped(tokens, thoughts, valid)
     loss, metrics = quietstar_loss(out, tokens, thoughts, valid, model.config)
+    if cfg.final_eval == "arith":        # one problem per row: w where the answer is predicted
+        from data.arith.report import answer_mix_weight
+        metrics["mix_weight_answer"] = answer_mix_weight(out, valid)
     c = model.config
     processed = B * L * (2 + c.n_thoughts * (c.branch_len + c.n_thought_tokens))   # sampling too
     return loss, metrics, processed
@@ -382,6 +385,22 @@ def install_signal_handlers(stop, master, out_dir):
                 f"press Ctrl-C again to stop without saving\n").encode())
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+
+
+def resolve_source(init_from):
+    """init_from as a path: 'scratch', an absolute or existing path, else relative to this file."""
+    if init_from == "scratch" or os.path.isabs(init_from) or os.path.isdir(init_from):
+        return init_from
+    return os.path.join(HERE, init_from)
+
+
+def run_origin(cfg, source):
+    """What the run started from at step 0 (kept in state.json across resumes): the base
+    model of the arithmetic run's final controls."""
+    if cfg.init_from != "resume":
+        return cfg.init_from
+    with open(os.path.join(source, "state.json")) as f:
+        return json.load(f)["config"].get("init_from", "resume")
 
 
 def data_path(path):
@@ -462,9 +481,8 @@ def main(argv):
                       cfg.seed, n_documents=cfg.n_documents or None)
 
     # model, tokenizer, optimizer
-    source = os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from
-    source = source if source == "scratch" or os.path.isabs(source) or os.path.isdir(source) else \
-        os.path.join(HERE, source)
+    source = resolve_source(os.path.join(cfg.out_dir, "ckpt") if cfg.init_from == "resume" else cfg.init_from)
+    origin = run_origin(cfg, source)
     tokenizer = load_tokenizer(os.path.dirname(data_path(cfg.data)) if source == "scratch" else source)
     model = load_model(cfg, source, rank, device, fsdp, tokenizer)
     vocab_size = (model.model if isinstance(model, QuietStar) else model).args.vocab_size
@@ -580,6 +598,9 @@ def main(argv):
         if master and cfg.mode == "quietstar" and cfg.thought_interval and done % cfg.thought_interval == 0 \
                 and not fsdp and not last_of_run:                   # the last one is shown below
             show_thought(model, tokenizer, tokens, valid, cfg, step)
+            if cfg.final_eval == "arith":
+                from data.arith.report import thought_report, training_examples
+                thought_report(model, tokenizer, training_examples(), cfg.seed, done)
         if val_batches and done % cfg.eval_interval == 0:
             val = validation_loss(model, wrapped, cfg, step, val_batches)
             if master:
@@ -593,7 +614,8 @@ def main(argv):
         if done % cfg.save_interval == 0 or last_of_run:
             if not checkpoint.weights_are_finite(model, world_size):
                 stop_non_finite(done, "weights after the update", cfg, master)
-            checkpoint.save_checkpoint(model, optimizer, asdict(cfg), done, rank, world_size, fsdp,
+            settings = {**asdict(cfg), "init_from": origin}           # resumes keep the run's origin
+            checkpoint.save_checkpoint(model, optimizer, settings, done, rank, world_size, fsdp,
                                        tokenizer.path, run_id)
             if master and replacing:              # the earlier run's checkpoint is gone: its metrics go too
                 checkpoint.finish_replacing(cfg.out_dir, run_id)
@@ -610,9 +632,16 @@ def main(argv):
         print("a thought from the trained model:")
         show_thought(model, tokenizer, tokens, valid, cfg, step)
     if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp and not stop["signal"]:
-        from data.arith.report import load_test, thinking_summary
-        results = thinking_summary(model, tokenizer, load_test(), cfg.seed)   # {name: (mean, stderr, n)}
-        metrics_file.write(json.dumps({"step": cfg.max_steps, **results}) + "\n")   # for plot_run.py
+        from data.arith.report import final_report, load_test, thinking_summary
+        if origin == "resume":       # a checkpoint from before runs kept their origin: no base model
+            print("no base-model controls: this checkpoint does not say what the run started from")
+            evaluated = thinking_summary(model, tokenizer, load_test(), cfg.seed)
+        else:
+            base = load_model(cfg, resolve_source(origin), rank, device, fsdp, tokenizer).to(device)  # as at step 0
+            rows = final_report(model, base, tokenizer, load_test(), cfg.seed)
+            evaluated = {f"arith/exact/{key}": rows[f"trained, {name}"]["exact"]       # for plot_run.py
+                         for key, name in (("thinking", "with thinking"), ("no_thinking", "without thinking"))}
+        metrics_file.write(json.dumps({"step": cfg.max_steps, **evaluated}) + "\n")
     if world_size > 1:
         dist.destroy_process_group()
 

@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from data.arith import prepare
+from data.arith import controls, prepare, report
+from model import ModelArgs, Transformer
+from quietstar import QuietStar, QuietStarConfig, QuietStarOutput
 from tokenizer import CharTokenizer, load_tokenizer
 from train import read_overrides
 
@@ -62,9 +65,86 @@ def test_vocabulary_round_trip():
     assert tok.decode([tok.thought_start_id, 3, tok.thought_end_id]) == "<|startthought|>0<|endthought|>"
     with pytest.raises(ValueError, match="not in the vocabulary"):
         tok.encode("3/4")
-    # the classroom config starts the thought delimiters from '|'
+
+
+def test_thought_slot_is_not_the_pretraining_format():
+    """The delimiters start from a symbol that no training or pretraining text contains, so
+    the slot is no reasoning prompt at step 0 (the old run started them from '|')."""
+    tok = load_tokenizer(os.path.join(ROOT, "data", "arith"))
     config = read_overrides([os.path.join(ROOT, "config", "arith.py")])
-    assert tok.decode([config["delimiter_init_id"]]) == "|"
+    _, train, pretrain = prepare.splits()
+    texts = [prepare.answer_only(q) for q in train[:500]] + prepare.pretraining_texts(pretrain[:2000])
+    used = {i for t in texts for i in tok.encode(t, bos=True, eos=True)}
+    assert config["delimiter_init_id"] not in used and config["delimiter_init_id"] < tok.n_words
+
+
+def tiny_arith_model(seed, w=0.3):
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                     vocab_size=len(prepare.SYMBOLS) + 2, rope_theta=1000.0, sliding_window=None)
+    qs = QuietStar(Transformer(args), QuietStarConfig(n_thought_tokens=4, n_talk=1, delimiter_init_id=0))
+    qs.init_thought_parameters()
+    with torch.no_grad():
+        qs.mixing_head[4].weight.normal_(std=w)
+    return qs.eval()
+
+
+def test_forced_mixing_predicts_from_the_thought_alone():
+    qs = tiny_arith_model(0)
+    tokens = torch.tensor([prepare.vocabulary().encode("3+4*2-5=9", bos=True)])
+    thoughts = torch.randint(3, len(prepare.SYMBOLS), (1, 1, tokens.shape[1], 4))
+    with report.forced_mixing(qs):
+        out = qs(tokens, thoughts)
+    assert torch.equal(out.mix_weight, torch.ones_like(out.mix_weight))
+    torch.testing.assert_close(out.talk_hidden, out.branch_hidden[:, :, 5:])   # after <end>
+    assert "_mix" not in vars(qs)                                 # the head is back
+    assert not torch.equal(qs(tokens, thoughts).talk_hidden, out.talk_hidden)
+
+
+def test_answer_mix_weight_is_read_where_the_answer_is_predicted():
+    valid = torch.tensor([[1] * 10 + [0], [1] * 7 + [0] * 4]).bool()            # (B=2, L=11)
+    w = torch.arange(11.0)[None, :, None].repeat(4, 1, 1)                          # (R=4, L, 1): w = position
+    w[2:] += 100
+    out = QuietStarOutput(None, None, None, w)
+    assert report.answer_mix_weight(out, valid) == pytest.approx((8 + 8 + 105 + 105) / 4)
+
+
+def test_step_shares_by_hand():
+    tok = prepare.vocabulary()
+    examples = [{"question": "3+4*2-5=", "answer": "9"}] * 4              # steps 7, 4, 9
+    thoughts = torch.tensor([tok.encode(t) for t in ("7,4,9|", "|7,4,9", "1,7,4,", "749,,,")])
+    first, spelled = report.step_shares(tok, examples, thoughts)
+    assert first == [1, 1, 0, 1] and spelled == [1, 1, 0, 1]
+
+
+def test_controls_are_scored_by_the_headline_code():
+    """Every row of the final report is report.score on the same problems and seed, and the
+    last line names the best control."""
+    tok = prepare.vocabulary()
+    examples = report.load_test(limit=30)
+    qs, base = tiny_arith_model(1), tiny_arith_model(2)
+    lines = []
+    rows = report.final_report(qs, base, tok, examples, seed=5, print_fn=lines.append)
+    same = lambda a, b: a["exact"] == b["exact"] and a["nll"] == b["nll"]   # noqa: E731
+    assert same(rows["trained, with thinking"], report.score(qs, tok, examples, True, 5))
+    assert same(rows["trained, without thinking"], report.score(qs, tok, examples, False, 5))
+    assert same(rows["base model, without thinking"], report.score(base, tok, examples, False, 5))
+    assert same(rows["(c) trained, random thoughts"], report.score(qs, tok, examples, True, 5, random_thoughts=True))
+    with report.forced_mixing(base):
+        assert same(rows["(a) base model, mixing weight forced to 1"], report.score(base, tok, examples, True, 5))
+    controls = {k: v["exact"][0] for k, v in rows.items() if k != "trained, with thinking"}
+    best = max(controls, key=controls.get)
+    assert lines[-1].startswith("thinking earned: ") and f"best control ({best}: " in lines[-1]
+    assert all(r["exact"][2] == 30 for r in rows.values())
+
+
+def test_targets_of_the_controls_script():
+    row = lambda x: {"exact": (x, 0.01, 1000)}   # noqa: E731
+    rows = {"trained, with thinking": row(0.6), "trained, without thinking": row(0.3),
+            "(a) base model, mixing weight forced to 1": row(0.1), "base model, without thinking": row(0.25),
+            "(b) run without REINFORCE, with thinking": row(0.45)}
+    earned, over_b = controls.targets({42: rows}, print_fn=lambda *_: None)
+    assert earned == [pytest.approx(30)] and over_b == [pytest.approx(15)]
 
 
 def run(args, timeout=600):
@@ -86,8 +166,14 @@ def test_pipeline_end_to_end(tmp_path):
                "--max_steps=2", "--thought_interval=1", f"--out_dir={tmp_path}/qs"] + fast)
     ckpt = tmp_path / "qs" / "ckpt"
     last = out.strip().splitlines()[-1]
-    assert last.startswith("thinking helps: exact accuracy ") and last.endswith("(n=1000 held-out problems)")
+    assert last.startswith("thinking earned: ") and last.endswith("n=1000 held-out problems)")
     assert out.count("<|startthought|>") >= 5                  # during training + 3 at the answers
+    for row in ("trained, with thinking", "trained, without thinking", "(a) base model, mixing weight forced to 1",
+                "base model, without thinking", "(c) trained, random thoughts"):
+        assert f"  {row} " in out
+    assert out.count("thoughts at '=' (200 training problems, step ") == 1      # step 1 of 2
+    records = [json.loads(line) for line in open(tmp_path / "qs" / "metrics.jsonl")]
+    assert [r["step"] for r in records if "mix_weight_answer" in r] == [1, 2]
     run(["evaluate.py", "--ckpt", str(ckpt), "--limit", "40", "--json", f"{tmp_path}/r.json"])
     results = json.load(open(tmp_path / "r.json"))["results"]
     assert set(results) == {f"arith/{m}/{t}" for m in ("exact", "nll") for t in ("thinking", "no_thinking")} | \
