@@ -202,7 +202,8 @@ def check_fsdp(device, tiny):
             launcher = [sys.executable] if processes == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
             done = subprocess.run(launcher + [os.path.join(HERE, "train.py"), "--max_steps=1", "--docs_per_step=8",
-                                              "--seq_len=32", f"--device={device.type}", "--dtype=float32",
+                                              "--micro_batch_size=4", "--final_eval=", "--seq_len=32",
+                                              f"--device={device.type}", "--dtype=float32",
                                               f"--out_dir={out}", "--thought_interval=0", "--save_interval=1000"],
                                   capture_output=True, text=True, cwd=HERE, timeout=600,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -209,11 +209,11 @@ def test_a_stopped_run_skips_the_final_evaluation_and_a_finished_one_says_so(tmp
         proc.wait(timeout=240)
     text = log.read_text()
     assert proc.returncode == 0, text
-    assert "so no final evaluation" in text and "thinking helps" not in text
+    assert "so no final evaluation" in text and "thinking earned" not in text
     step = json.load(open(tmp_path / "out" / "ckpt" / "state.json"))["step"]
     done = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
-    assert done.returncode == 0 and done.stdout.count("thinking helps: exact accuracy") == 1, done.stderr
+    assert done.returncode == 0 and done.stdout.count("thinking earned: ") == 1, done.stderr
     again = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
     assert again.returncode == 0, again.stderr
     assert f"this run is finished (its checkpoint is at step {step + 1}, max_steps={step + 1})" in again.stdout
-    assert "thinking helps" not in again.stdout and "steps" not in again.stdout.split("finished")[0]
+    assert "thinking earned" not in again.stdout and "steps" not in again.stdout.split("finished")[0]
