@@ -317,38 +317,150 @@ def outcome(results, test_id):
 
 
 def derive_mapping(root, parts, test_files, jobs):
-    """For each part, the tests that pass on the original code and fail with it stubbed."""
+    """For each part, the tests that pass on the original code and fail with it stubbed.
+    The run on the original code also traces which tests call each part's functions (or run a
+    subprocess, or use a fixture or collect a file that does), so each stubbed copy runs only
+    those tests: the others cannot fail there, and the mapping is the one that running every
+    test on every copy would give, in a fraction of the time."""
     files = tracked_files(root)
     scratch = tempfile.mkdtemp(prefix="classroom-")
     try:
-        plans = []                                      # (tree, part or None, test files)
-        for i, part in enumerate([None] + parts):
-            tree = os.path.join(scratch, str(i))
-            copy_tree(root, files, tree)
-            if part is not None:
-                stub(tree, part)
-            modules = sorted({f.split(".")[0] for f in (part or {"functions": []})["functions"]})
-            plans.append((tree, part, test_files or test_files_for(root, modules)))
-        plans[0] = (plans[0][0], None, sorted({f for _, _, fs in plans[1:] for f in fs}))
-        tasks = [(tree, f) for tree, _, fs in plans for f in fs]
-        tasks.sort(key=lambda t: t[1] != "tests/test_train.py")  # the slowest file first
+        ran = {p["name"]: test_files or test_files_for(root, sorted({f.split(".")[0] for f in p["functions"]}))
+               for p in parts}
+        all_files = sorted({f for fs in ran.values() for f in fs})
+        base = os.path.join(scratch, "original")
+        copy_tree(root, files, base)
+        watched = sorted({f for p in parts for f in p["functions"]})
         # one torch thread per run when several run at once: spinning OpenMP threads of
         # parallel runs fight over the cores (only the speed changes: which tests fail does not)
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get(
             "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs))))
+        traces = [os.path.join(scratch, f"trace{i}.json") for i in range(len(all_files))]
         with ThreadPoolExecutor(jobs) as pool:
-            results = dict(zip(tasks, pool.map(lambda t: run_tests(t[0], [t[1]], env=env), tasks)))
-        baseline = {k: v for f in plans[0][2] for k, v in results[(plans[0][0], f)].items()}
-        mapping, ran = {}, {}
-        for tree, part, fs in plans[1:]:
-            stubbed = {k: v for f in fs for k, v in results[(tree, f)].items()}
-            mapping[part["name"]] = [t for t, (ok, _) in baseline.items()
-                                     if ok and t.split("::")[0] in fs and not outcome(stubbed, t)[0]]
-            ran[part["name"]] = fs
+            order = sorted(range(len(all_files)), key=lambda i: all_files[i] != "tests/test_train.py")
+            done = pool.map(lambda i: run_tests(base, ["-p", "classroom", all_files[i]], env=dict(
+                env, CLASSROOM_TRACE=traces[i], CLASSROOM_WATCH=json.dumps(watched),
+                PYTHONPATH=os.pathsep.join([base] + env.get("PYTHONPATH", "").split(os.pathsep)))), order)
+            baseline = {k: v for results in done for k, v in results.items()}
+        trace = [json.load(open(t)) for t in traces]
+        plans = []                                          # (part, tree, tests that may fail)
+        for i, part in enumerate(parts):
+            maybe = [t for t, (ok, _) in baseline.items() if ok and t.split("::")[0] in ran[part["name"]]
+                     and may_call(trace, t, set(part["functions"]))]
+            tree = os.path.join(scratch, str(i))
+            if maybe:
+                copy_tree(root, files, tree)
+                stub(tree, part)
+            plans.append((part, tree, maybe))
+        with ThreadPoolExecutor(jobs) as pool:
+            done = pool.map(lambda p: run_tests(p[1], p[2], env=env) if p[2] else {}, plans)
+            mapping = {part["name"]: [t for t in maybe if not outcome(stubbed, t)[0]]
+                       for (part, _, maybe), stubbed in zip(plans, done)}
         broken = sorted(t for t, (ok, _) in baseline.items() if not ok)
         return mapping, ran, broken
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def may_call(traces, test_id, functions):
+    """Whether a test might call one of functions: it, a fixture it uses, the collection of its
+    file or anything unattributed called one, or started a subprocess (not traced)."""
+    hit = functions | {"<subprocess>"}
+    file = test_id.split("::")[0]
+    for trace in traces:
+        calls = {k: set(v) for k, v in trace["calls"].items()}
+        if hit & set(trace["unwatched"]) or hit & calls.get("global", set()):
+            return True
+        if test_id in trace["fixtures"] or file == trace["file"]:
+            keys = [f"test:{test_id}", f"file:{file}"] + [f"fixture:{n}" for n in trace["fixtures"].get(test_id, [])]
+            if any(hit & calls.get(k, set()) for k in keys) or test_id not in trace["fixtures"]:
+                return True
+    return False
+
+
+# -----------------------------------------------------------------------------
+# the tracing plugin: `pytest -p classroom` with CLASSROOM_TRACE and CLASSROOM_WATCH set
+
+_trace = None
+
+
+def _note(name):
+    _trace["calls"].setdefault(_trace["where"], set()).add(name)
+
+
+def _watch(qualified):
+    """Replace the function by a wrapper that notes each call; False if it cannot be wrapped."""
+    import functools
+    import importlib
+    import types
+    parts = qualified.split(".")
+    owner = importlib.import_module(parts[0])
+    for name in parts[1:-1]:
+        owner = getattr(owner, name)
+    fn = vars(owner).get(parts[-1])
+    if not isinstance(fn, types.FunctionType):
+        return False
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _note(qualified)
+        return fn(*args, **kwargs)
+    setattr(owner, parts[-1], wrapper)
+    for module in list(sys.modules.values()):       # names bound by `from model import f`
+        names = getattr(module, "__dict__", None)
+        for key in [k for k, v in names.items() if v is fn] if isinstance(names, dict) else []:
+            setattr(module, key, wrapper)
+    return True
+
+
+def pytest_configure(config):
+    global _trace
+    if not os.environ.get("CLASSROOM_TRACE"):
+        return
+    _trace = dict(where="global", calls={}, fixtures={}, file=None, unwatched=[])
+    _trace["unwatched"] = [q for q in json.loads(os.environ["CLASSROOM_WATCH"]) if not _watch(q)]
+    popen_init = subprocess.Popen.__init__
+
+    def traced_init(self, *args, **kwargs):
+        _note("<subprocess>")
+        popen_init(self, *args, **kwargs)
+    subprocess.Popen.__init__ = traced_init
+    import pytest
+
+    class Fixtures:
+        @pytest.hookimpl(hookwrapper=True)
+        def pytest_fixture_setup(self, fixturedef):     # calls made while a fixture is made
+            where, _trace["where"] = _trace["where"], f"fixture:{fixturedef.argname}"
+            yield
+            _trace["where"] = where
+    config.pluginmanager.register(Fixtures())
+
+
+def pytest_collectstart(collector):
+    if _trace is not None and collector.nodeid.endswith(".py"):
+        _trace["where"], _trace["file"] = f"file:{collector.nodeid}", collector.nodeid
+
+
+def pytest_collection_modifyitems(items):
+    if _trace is not None:
+        _trace["fixtures"] = {item.nodeid: list(getattr(item, "fixturenames", [])) for item in items}
+        _trace["where"] = "global"
+
+
+def pytest_runtest_call(item):
+    if _trace is not None:
+        _trace["where"] = f"test:{item.nodeid}"
+
+
+def pytest_runtest_teardown(item):
+    if _trace is not None:
+        _trace["where"] = f"test:{item.nodeid}"
+
+
+def pytest_unconfigure(config):
+    if _trace is not None:
+        _trace["calls"] = {k: sorted(v) for k, v in _trace["calls"].items()}
+        json.dump(_trace, open(os.environ["CLASSROOM_TRACE"], "w"))
 
 
 # -----------------------------------------------------------------------------
