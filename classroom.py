@@ -3,18 +3,24 @@ Classroom: any part of this repository becomes an assignment, graded part by par
 tests that already hold the code to its references.
 
     python classroom.py list                                   # the parts, in reading order
-    python classroom.py make rmsnorm rope --out hw1 --solutions hw1-solutions
-    cd hw1 && python classroom.py grade [--json] [--part rope]  # tests passed and points per part
+    python classroom.py make rmsnorm rope --out hw1 --solutions hw1-solutions [--points rope=5]
+    cd hw1 && python classroom.py grade [--json] [--part rope]  # the student: everything theirs
+    python classroom.py grade --solutions ../hw1-solutions      # the teacher: each part alone too
     python classroom.py solve rope --solutions ../hw1-solutions # put a part's bodies back
 
 `make` copies the git-tracked files into --out and replaces the body of every function of
 the chosen parts by `raise NotImplementedError(...)`, keeping its signature and docstring
 (the docstring is the specification). Which tests grade a part is derived, not written down:
-the test files that import the part's module (at their top) run once on the original code
-and once with that part alone stubbed; the tests that passed before and fail now are the
-part's tests. A part that no test catches is refused. The mapping is written to
-DIR/classroom.json, so `grade` only runs tests. Any function can be a part:
-`model.apply_rope`, `model.RMSNorm.forward`.
+the test files that import the part's module (at their top) run once on the original code,
+traced to see which tests may call the part, and those run again with that part alone
+stubbed; the tests that passed before and fail now are the part's tests. A part that no test
+catches is refused. The mapping is written to DIR/classroom.json, so `grade` only runs tests.
+Any function with a docstring can be a part: `model.apply_rope`, `model.RMSNorm.forward`.
+
+`grade` scores each part twice: "whole", on the student's code as it is, and with the
+reference bodies (--solutions, kept outside the student's folder) "alone": the part's tests
+run on a copy where every other part has its reference body, so a part's score depends on
+that part only. Each failure is shown with its assertion and values, grouped per part.
 """
 
 import argparse
@@ -95,8 +101,8 @@ HINTS = dict(
     rmsnorm="compute in float32 and cast back to the input's dtype at the end",
     rope="pairs are adjacent dimensions (2i, 2i+1), not the two halves; the angle of pair i at "
          "position p is p / theta^(2i/D)",
-    attention="repeat each key/value head for its group of query heads; the mask is causal AND "
-              "within the window AND not padding",
+    attention="query head h uses key/value head h // (n_heads // n_kv_heads); the mask is causal "
+              "AND within the window AND not padding",
     swiglu="three bias-free linear maps; silu(x) = x * sigmoid(x)",
     kv_cache="write in place at [start, start + T) and return everything up to start + T",
     sampling="filter the logits (set the rest to -inf) before the softmax; top-p keeps the "
@@ -107,9 +113,11 @@ HINTS = dict(
                       "share one normaliser",
     parallel_thoughts="the start-of-thought token first, then one token per position per step, "
                       "each branch attending to the text before it and to its own branch",
-    mixing_head="the head sees [h_base ; h_thought] and outputs w in (0, 1) per position",
-    talk_loss="the reward is the log-likelihood of the true next tokens after thinking minus the "
-              "mean over the position's thoughts",
+    mixing_head="self.mixing_head is already built: call it on the two states concatenated on the "
+                "last dimension",
+    talk_loss="a thought's reward is, summed over the next n_talk true tokens, the base "
+              "cross-entropy minus the cross-entropy after thinking, detached (the mean over "
+              "thoughts is reinforce's baseline, not part of the reward)",
     reinforce="the baseline is the mean reward of the same position's thoughts; with "
               "positive_advantage_only only thoughts better than the mean are reinforced",
     thinking_generation="the thought's keys and values are thrown away after each token: only "
@@ -322,7 +330,7 @@ def derive_mapping(root, parts, test_files, jobs):
     subprocess, or use a fixture or collect a file that does), so each stubbed copy runs only
     those tests: the others cannot fail there, and the mapping is the one that running every
     test on every copy would give, in a fraction of the time."""
-    files = tracked_files(root)
+    t0, files = time.time(), tracked_files(root)
     scratch = tempfile.mkdtemp(prefix="classroom-")
     try:
         ran = {p["name"]: test_files or test_files_for(root, sorted({f.split(".")[0] for f in p["functions"]}))
@@ -342,6 +350,7 @@ def derive_mapping(root, parts, test_files, jobs):
                 env, CLASSROOM_TRACE=traces[i], CLASSROOM_WATCH=json.dumps(watched),
                 PYTHONPATH=os.pathsep.join([base] + env.get("PYTHONPATH", "").split(os.pathsep)))), order)
             baseline = {k: v for results in done for k, v in results.items()}
+        t_original = time.time()
         trace = [json.load(open(t)) for t in traces]
         plans = []                                          # (part, tree, tests that may fail)
         for i, part in enumerate(parts):
@@ -357,6 +366,8 @@ def derive_mapping(root, parts, test_files, jobs):
             mapping = {part["name"]: [t for t in maybe if not outcome(stubbed, t)[0]]
                        for (part, _, maybe), stubbed in zip(plans, done)}
         broken = sorted(t for t, (ok, _) in baseline.items() if not ok)
+        print(f"ran {len(baseline)} tests on the original code in {t_original - t0:.0f} s, then "
+              f"{sum(len(m) for _, _, m in plans)} on the stubbed copies in {time.time() - t_original:.0f} s")
         return mapping, ran, broken
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
