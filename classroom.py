@@ -433,7 +433,8 @@ def pytest_configure(config):
     popen_init = subprocess.Popen.__init__
 
     def traced_init(self, *args, **kwargs):
-        _note("<subprocess>")
+        if _trace["where"] != "global":      # not imports before the tests (torch starts some)
+            _note("<subprocess>")
         popen_init(self, *args, **kwargs)
     subprocess.Popen.__init__ = traced_init
     import pytest
