@@ -1,8 +1,10 @@
-"""classroom.py: an assignment of two small parts made, graded, solved; a part that no test
-catches is refused; every part of the table still names real functions."""
+"""classroom.py: an assignment of two small parts made, graded (alone and whole), solved; three
+parts told apart (correct, subtly wrong, stubbed); a part that no test catches is refused;
+every part of the table still names real functions."""
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -121,12 +123,19 @@ BUGS = {"missing clamp": ("quietstar.py", "advantage = advantage.clamp(min=0)", 
                            "(per_example.mean(1, keepdim=True) - per_example)")}
 
 
-@pytest.mark.parametrize("bug", BUGS)
-def test_correct_wrong_and_stubbed_parts_are_told_apart(tmp_path, bug):
-    out, solutions = tmp_path / "hw", tmp_path / "solutions"
+@pytest.fixture(scope="module")
+def three_parts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("three")
     done = run(["make", "rope", "reinforce", "mixing_head", "--tests", "tests/test_parts.py",
-                "--out", str(out), "--solutions", str(solutions), "--points", "rope=5"], ROOT)
+                "--out", str(base / "hw"), "--solutions", str(base / "solutions"), "--points", "rope=5"], ROOT)
     assert done.returncode == 0, done.stderr
+    return base / "hw", base / "solutions"
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_correct_wrong_and_stubbed_parts_are_told_apart(three_parts, tmp_path, bug):
+    out, solutions = tmp_path / "hw", three_parts[1]
+    shutil.copytree(three_parts[0], out)
     assert run(["solve", "rope", "reinforce", "--solutions", str(solutions)], out).returncode == 0
     file, right, wrong = BUGS[bug]
     source = open(out / file).read()
