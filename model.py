@@ -74,7 +74,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(positions, head_dim, theta):
-    """Rotation angles for positions (T,) or (B, T) -> cos, sin of shape (..., T, 1, D/2)."""
+    """Rotation angles for positions (T,) or (B, T) (integers) -> cos, sin of shape
+    (..., T, 1, D/2), float32, on positions' device, with D = head_dim. Pair i (dimensions
+    2i, 2i+1) at position p turns by the angle p * theta^(-2i/D), i = 0 .. D/2 - 1: pair 0 by
+    p radians, the last ones slowest. The 1 broadcasts over heads in apply_rope."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float()
                                / head_dim)                            # (D/2,)
     angles = positions.float()[..., None] * inv_freq                  # (..., T, D/2)
@@ -82,7 +85,10 @@ def rope_cos_sin(positions, head_dim, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair of dimensions (2i, 2i+1) of x (B, T, H, D) by its angle."""
+    """Rotate each pair of adjacent dimensions (2i, 2i+1) of x (B, T, H, D) by its angle:
+    (x_2i, x_2i+1) -> (x_2i cos - x_2i+1 sin, x_2i sin + x_2i+1 cos), with cos, sin
+    (T, 1, D/2) or (B, T, 1, D/2) from rope_cos_sin. Computed in float32; returns x's shape
+    and dtype."""
     x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)             # 2 x (B, T, H, D/2)
     rotated = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
     return rotated.flatten(-2).type_as(x)                             # (B, T, H, D)

@@ -378,7 +378,10 @@ class QuietStar(nn.Module):
         return logits
 
     def _mix(self, h_base, h_thought):
-        """Mixing head: w from [base ; thought], then (1 - w) h_base + w h_thought. -> (h, w)"""
+        """Mixing head: h_base, h_thought (..., D) -> (h (..., D), w (...)). The weight
+        w = self.mixing_head([h_base ; h_thought]) (..., 1) (concatenated on the last dim; no
+        sigmoid: w starts at 0, where thinking changes nothing), then
+        h = (1 - w) h_base + w h_thought in their dtype, and w is returned without its last dim."""
         w = self.mixing_head(torch.cat([h_base, h_thought], dim=-1))      # (..., 1)
         return (1 - w) * h_base + w * h_thought, w.squeeze(-1)
 

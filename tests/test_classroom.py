@@ -1,8 +1,10 @@
-"""classroom.py: an assignment of two small parts made, graded, solved; a part that no test
-catches is refused; every part of the table still names real functions."""
+"""classroom.py: an assignment of two small parts made, graded (alone and whole), solved; three
+parts told apart (correct, subtly wrong, stubbed); a part that no test catches is refused;
+every part of the table still names real functions."""
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -84,26 +86,70 @@ def test_grade_fails_exactly_the_mapped_tests_then_full_marks_when_solved(assign
     everything = classroom.run_tests(str(out), [TESTS])           # the whole file, graded or not
     assert {t for t, (ok, _) in everything.items() if not ok} == graded
 
-    # rmsnorm solved, sampling not: grade fails sampling's tests, and of rmsnorm's only those
-    # that need sampling too (generation); its messages name the part to implement
+    # rmsnorm solved, sampling not. Alone (the teacher's grade, other parts on the reference):
+    # rmsnorm full marks, sampling none. Whole (all the student's code): rmsnorm fails the
+    # tests that need sampling too (generation), each marked as another part's failure
     assert run(["solve", "rmsnorm", "--solutions", str(solutions)], out).returncode == 0
-    done = run(["grade", "--json"], out)
-    assert done.returncode == 1
+    done = run(["grade", "--json", "--solutions", str(solutions)], out)
+    assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     rmsnorm, sampling = (set(p["tests"]) for p in record["parts"])
-    assert {f["test"] for f in report["parts"][0]["failing"]} == rmsnorm & sampling
-    assert {f["test"] for f in report["parts"][1]["failing"]} == sampling
-    assert report["parts"][1]["points"] == 0 and report["max_points"] == 20
-    assert report["parts"][0]["points"] == round(10 * len(rmsnorm - sampling) / len(rmsnorm), 1)
-    assert all(f["message"].startswith("NotImplementedError: sampling: sample:")
-               for p in report["parts"] for f in p["failing"])
+    r, s = report["parts"]
+    assert r["alone"]["failing"] == [] and r["alone"]["points"] == 10
+    assert {f["test"] for f in r["whole"]["failing"]} == rmsnorm & sampling != set()
+    assert all(f["from_other_part"] and f["other_part"] == "sampling" for f in r["whole"]["failing"])
+    assert r["whole"]["points"] == round(10 * len(rmsnorm - sampling) / len(rmsnorm), 1)
+    for kind in ("alone", "whole"):
+        assert {f["test"] for f in s[kind]["failing"]} == sampling and s[kind]["points"] == 0
+        assert all(f["message"].startswith("NotImplementedError: sampling: sample:") and
+                   not f["from_other_part"] for f in s["whole"]["failing"])
+    assert report["max_points"] == 20
+    without = json.loads(run(["grade", "--json"], out).stdout)   # the student's own grade
+    assert "alone" not in without and without["whole"] == report["whole"]
+    assert [f["other_part"] for f in without["parts"][0]["whole"]["failing"]] == \
+        ["sampling"] * len(rmsnorm & sampling)
 
     assert run(["solve", "sampling", "--solutions", str(solutions)], out).returncode == 0
-    done = run(["grade"], out)
+    done = run(["grade", "--solutions", str(solutions)], out)
     assert done.returncode == 0, done.stdout
     n = sum(len(p["tests"]) for p in record["parts"])          # a test graded twice counts twice
-    assert done.stdout.splitlines()[-1].split()[1:] == [f"{n}/{n}", "20.0", "of", "20"]
+    assert done.stdout.splitlines()[-1].split()[1:] == [f"{n}/{n}", "20.0", f"{n}/{n}", "20.0", "20"]
     assert open(out / "model.py").read() == open(os.path.join(ROOT, "model.py")).read()
+
+
+# the three-part scenario: one part correct, one subtly wrong, one left stubbed
+BUGS = {"missing clamp": ("quietstar.py", "advantage = advantage.clamp(min=0)", "advantage = advantage"),
+        "advantage sign": ("quietstar.py", "(per_example - per_example.mean(1, keepdim=True))",
+                           "(per_example.mean(1, keepdim=True) - per_example)")}
+
+
+@pytest.fixture(scope="module")
+def three_parts(tmp_path_factory):
+    base = tmp_path_factory.mktemp("three")
+    done = run(["make", "rope", "reinforce", "mixing_head", "--tests", "tests/test_parts.py",
+                "--out", str(base / "hw"), "--solutions", str(base / "solutions"), "--points", "rope=5"], ROOT)
+    assert done.returncode == 0, done.stderr
+    return base / "hw", base / "solutions"
+
+
+@pytest.mark.parametrize("bug", BUGS)
+def test_correct_wrong_and_stubbed_parts_are_told_apart(three_parts, tmp_path, bug):
+    out, solutions = tmp_path / "hw", three_parts[1]
+    shutil.copytree(three_parts[0], out)
+    assert run(["solve", "rope", "reinforce", "--solutions", str(solutions)], out).returncode == 0
+    file, right, wrong = BUGS[bug]
+    source = open(out / file).read()
+    assert source.count(right) == 1
+    open(out / file, "w").write(source.replace(right, wrong))
+    done = run(["grade", "--solutions", str(solutions)], out)
+    assert done.returncode == 1
+    rows = {line.split()[0]: line.split()[1:4] for line in done.stdout.splitlines()[2:5]}
+    assert rows["rope"] == ["2/2", "5.0", "2/2"]                    # correct: 100%
+    assert rows["mixing_head"][:2] == ["0/1", "0.0"]                 # stubbed: 0%
+    passed, total = map(int, rows["reinforce"][0].split("/"))
+    assert passed / total < 0.5, done.stdout                          # wrong: < 50%
+    assert "reinforce: " in done.stdout and "advantage with positive_advantage_only (the negative ones " \
+        "must become 0): got [[" in done.stdout, done.stdout           # names the wrong quantity
 
 
 def test_a_part_no_test_catches_is_refused(tmp_path):
@@ -116,6 +162,8 @@ def test_a_part_no_test_catches_is_refused(tmp_path):
 def test_clear_errors(tmp_path):
     for args, expected in [(["make", "model.no_such_function"], "model.py has no no_such_function"),
                            (["make", "nonsense"], "nonsense: not a part"),
+                           (["make", "reinforse"], "reinforse: not a part; did you mean reinforce?"),
+                           (["make", "model.KVCache.__init__"], "has no docstring"),
                            (["make", "rope", "--solutions", str(tmp_path / "hw" / "s")], "must be outside")]:
         done = run(args + ["--out", str(tmp_path / "hw")], ROOT)
         assert done.returncode == 2 and expected in done.stderr, (args, done.stderr)
