@@ -102,6 +102,7 @@ class TrainConfig:
     save_interval: int = 100         # save every N steps (and at the last step)
     overwrite: bool = False          # a fresh run may replace a checkpoint already in out_dir
     final_eval: str = "arith"        # "arith": held-out accuracy of the model and the controls at the end ("": none)
+    final_eval_problems: int = 0     # with final_eval: the first N held-out problems (0: all 1,000)
     wandb_project: str = ""          # log to Weights & Biases when set (and wandb is installed)
 
 
@@ -122,7 +123,7 @@ def check_settings(cfg):
                  "n_thoughts", "max_steps", "log_interval", "save_interval", "eval_batches"):
         check_range(name, getattr(cfg, name), 1)
     for name in ("n_documents", "warmup_steps", "thought_interval", "eval_interval",
-                 "eval_paper_examples", "weight_decay", "policy_weight"):
+                 "eval_paper_examples", "final_eval_problems", "weight_decay", "policy_weight"):
         check_range(name, getattr(cfg, name), 0)
     check_range("learning_rate", cfg.learning_rate, 0, 1e30)    # torch refuses > 3.4e38
     for name in ("grad_clip", "reinforce_temperature", "embedding_scale"):
@@ -635,10 +636,10 @@ def main(argv):
         from data.arith.report import final_report, load_test, thinking_summary
         if origin == "resume":       # a checkpoint from before runs kept their origin: no base model
             print("no base-model controls: this checkpoint does not say what the run started from")
-            evaluated = thinking_summary(model, tokenizer, load_test(), cfg.seed)
+            evaluated = thinking_summary(model, tokenizer, load_test(limit=cfg.final_eval_problems), cfg.seed)
         else:
             base = load_model(cfg, resolve_source(origin), rank, device, fsdp, tokenizer).to(device)  # as at step 0
-            rows = final_report(model, base, tokenizer, load_test(), cfg.seed)
+            rows = final_report(model, base, tokenizer, load_test(limit=cfg.final_eval_problems), cfg.seed)
             evaluated = {f"arith/exact/{key}": rows[f"trained, {name}"]["exact"]       # for plot_run.py
                          for key, name in (("thinking", "with thinking"), ("no_thinking", "without thinking"))}
         metrics_file.write(json.dumps({"step": cfg.max_steps, **evaluated}) + "\n")

@@ -163,10 +163,10 @@ def test_pipeline_end_to_end(tmp_path):
          f"--out_dir={tmp_path}/base"] + fast)
     assert os.path.isfile(tmp_path / "base" / "ckpt" / "vocab.json")     # the vocabulary travels
     out = run(["train.py", "config/arith.py", f"--init_from={tmp_path}/base/ckpt", f"--data={data}/train",
-               "--max_steps=2", "--thought_interval=1", f"--out_dir={tmp_path}/qs"] + fast)
+               "--max_steps=2", "--thought_interval=1", "--final_eval_problems=200", f"--out_dir={tmp_path}/qs"] + fast)
     ckpt = tmp_path / "qs" / "ckpt"
     last = out.strip().splitlines()[-1]
-    assert last.startswith("thinking earned: ") and last.endswith("n=1000 held-out problems)")
+    assert last.startswith("thinking earned: ") and last.endswith("n=200 held-out problems)")
     assert out.count("<|startthought|>") >= 5                  # during training + 3 at the answers
     for row in ("trained, with thinking", "trained, without thinking", "(a) base model, mixing weight forced to 1",
                 "base model, without thinking", "(c) trained, random thoughts"):

@@ -211,7 +211,7 @@ def test_a_stopped_run_skips_the_final_evaluation_and_a_finished_one_says_so(tmp
     assert proc.returncode == 0, text
     assert "so no final evaluation" in text and "thinking earned" not in text
     step = json.load(open(tmp_path / "out" / "ckpt" / "state.json"))["step"]
-    done = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
+    done = run_train(["--init_from=resume", f"--max_steps={step + 1}", "--final_eval_problems=100"], tmp_path / "out")
     assert done.returncode == 0 and done.stdout.count("thinking earned: ") == 1, done.stderr
     again = run_train(["--init_from=resume", f"--max_steps={step + 1}"], tmp_path / "out")
     assert again.returncode == 0, again.stderr

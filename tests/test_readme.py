@@ -35,7 +35,7 @@ def test_readme_snippet_runs(n, tmp_path, capsys):
 # weights, a download or minutes of CPU are skipped, each with its reason (printed with -s).
 
 CAPS = {   # script: arguments appended (the last value of a setting wins)
-    "train.py": ["--max_steps=1"],
+    "train.py": ["--max_steps=1", "--final_eval_problems=100"],
     "evaluate.py": ["--limit=2", "--cot_limit=1", "--cot_samples=1", "--cot_tokens=8", "--ppl_docs=2"],
     "sample.py": ["--max_new_tokens=4"],
     "plot_run.py": [],

@@ -91,8 +91,8 @@ def test_two_processes_equal_one(short_docs, tmp_path, fsdp):
 
 def test_default_run_finishes(tmp_path):
     """`python train.py` as the README says, shortened to 2 steps: --max_steps changes only
-    that (the arithmetic run, its final evaluation included)."""
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2",
+    that (the arithmetic run, its final evaluation included, on 100 of its problems)."""
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--max_steps=2", "--final_eval_problems=100",
                            f"--out_dir={tmp_path}", "--device=cpu", "--dtype=float32"],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -147,8 +147,9 @@ def test_ctrl_c_is_acknowledged_at_once_and_a_second_one_stops_at_once(short_doc
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         deadline = time.time() + 120
-        while time.time() < deadline and "step 1/" not in log.read_text():
+        while time.time() < deadline and "training QuietStar" not in log.read_text():
             time.sleep(0.1)
+        time.sleep(1.0)                              # the handlers are installed; step 1 is under way
         proc.send_signal(signal.SIGINT)
         t0 = time.time()
         while time.time() - t0 < 10 and "press Ctrl-C again" not in log.read_text():
