@@ -22,3 +22,17 @@ def fixtures_dir():
 @pytest.fixture
 def tokenizer_path():
     return os.path.join(ROOT, "assets", "tokenizer.model")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true",
+                     help="also run the tests marked slow (variants of faster tests; about a minute more)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: `python -m pytest --runslow` runs it")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

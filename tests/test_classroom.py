@@ -118,9 +118,16 @@ def test_grade_fails_exactly_the_mapped_tests_then_full_marks_when_solved(assign
 
 
 # the three-part scenario: one part correct, one subtly wrong, one left stubbed
-BUGS = {"missing clamp": ("quietstar.py", "advantage = advantage.clamp(min=0)", "advantage = advantage"),
-        "advantage sign": ("quietstar.py", "(per_example - per_example.mean(1, keepdim=True))",
-                           "(per_example.mean(1, keepdim=True) - per_example)")}
+# part: (file, the right line, the subtly wrong one, what the message must name). CI runs the
+# first; `python -m pytest --runslow` all three.
+BUGS = {"missing clamp": ("reinforce", "quietstar.py", "advantage = advantage.clamp(min=0)", "advantage = advantage",
+                          "advantage with positive_advantage_only (the negative ones must become 0): got [["),
+        "advantage sign": ("reinforce", "quietstar.py", "(per_example - per_example.mean(1, keepdim=True))",
+                           "(per_example.mean(1, keepdim=True) - per_example)",
+                           "advantage (reward minus the mean reward of the position's thoughts): got [["),
+        "rotary frequency": ("rope", "model.py", "torch.arange(0, head_dim, 2, device=positions.device).float()",
+                             "torch.arange(0, head_dim // 2, device=positions.device).float()",
+                             "rotation angle of each pair at position 2 (atan2(sin, cos)): got [")}
 
 
 @pytest.fixture(scope="module")
@@ -132,24 +139,26 @@ def three_parts(tmp_path_factory):
     return base / "hw", base / "solutions"
 
 
-@pytest.mark.parametrize("bug", BUGS)
+@pytest.mark.parametrize("bug", [b if i == 0 else pytest.param(b, marks=pytest.mark.slow)
+                                 for i, b in enumerate(BUGS)])
 def test_correct_wrong_and_stubbed_parts_are_told_apart(three_parts, tmp_path, bug):
     out, solutions = tmp_path / "hw", three_parts[1]
     shutil.copytree(three_parts[0], out)
     assert run(["solve", "rope", "reinforce", "--solutions", str(solutions)], out).returncode == 0
-    file, right, wrong = BUGS[bug]
+    wrong_part, file, right, wrong, quantity = BUGS[bug]
+    correct_part = ({"rope", "reinforce"} - {wrong_part}).pop()
     source = open(out / file).read()
     assert source.count(right) == 1
     open(out / file, "w").write(source.replace(right, wrong))
     done = run(["grade", "--solutions", str(solutions)], out)
     assert done.returncode == 1
     rows = {line.split()[0]: line.split()[1:4] for line in done.stdout.splitlines()[2:5]}
-    assert rows["rope"] == ["2/2", "5.0", "2/2"]                    # correct: 100%
+    passed, total = map(int, rows[correct_part][0].split("/"))
+    assert passed == total and rows[correct_part][2] == f"{total}/{total}", done.stdout   # correct: 100%
     assert rows["mixing_head"][:2] == ["0/1", "0.0"]                 # stubbed: 0%
-    passed, total = map(int, rows["reinforce"][0].split("/"))
+    passed, total = map(int, rows[wrong_part][0].split("/"))
     assert passed / total < 0.5, done.stdout                          # wrong: < 50%
-    assert "reinforce: " in done.stdout and "advantage with positive_advantage_only (the negative ones " \
-        "must become 0): got [[" in done.stdout, done.stdout           # names the wrong quantity
+    assert f"{wrong_part}: " in done.stdout and quantity in done.stdout, done.stdout   # names the wrong quantity
 
 
 def test_a_part_no_test_catches_is_refused(tmp_path):

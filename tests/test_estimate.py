@@ -36,7 +36,7 @@ def real_and_estimated(settings):
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc")
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("checkpointing", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_peak_memory_matches_a_real_cpu_step(checkpointing):
     real, estimated = real_and_estimated(["--preset=tiny", "--dtype=float32", "--seq_len=48",
                                           "--docs_per_step=2", f"--activation_checkpointing={checkpointing}"])
