@@ -390,10 +390,14 @@ def derive_mapping(root, parts, test_files, jobs):
         print(f"ran {len(baseline) + len(slow)} tests on the original code in {t_original - t0:.0f} s, then "
               f"{sum(len(m) for _, _, m in plans)} on the stubbed copies in {time.time() - t_original:.0f} s")
         if slow:
-            print(f"note: {len(slow)} tests took over {MAX_TEST_SECONDS} s each and are not graded: {', '.join(slow)}")
+            print(f"note: {tests_word(len(slow))} took over {MAX_TEST_SECONDS} s each and are not graded: {', '.join(slow)}")
         return mapping, ran, broken
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def tests_word(n):
+    return f"{n} test" + ("" if n == 1 else "s")
 
 
 def may_call(traces, test_id, functions):
@@ -538,7 +542,7 @@ def cmd_make(args):
                                  f"{', '.join(ran[p['name']]) or 'no test file imports its module'}), "
                                  f"so it cannot be graded; choose another function or add a test")
     if broken:
-        print(f"note: {len(broken)} tests fail on the original code (as make runs it, each part's "
+        print(f"note: {tests_word(len(broken))} failed on the original code (as make runs it, each part's "
               f"calls traced) and are not graded: "
               f"{', '.join(broken)}")
     copy_tree(root, tracked_files(root), out)
@@ -557,7 +561,7 @@ def cmd_make(args):
         json.dump(dict(made_from=commit, bodies=bodies), open(os.path.join(sol, "solutions.json"), "w"),
                   indent=1)
     for p in parts:
-        print(f"{p['name']:<20} {len(mapping[p['name']]):3d} tests  "
+        print(f"{p['name']:<20} {len(mapping[p['name']]):3d} {'test ' if len(mapping[p['name']]) == 1 else 'tests'}  "
               f"{', '.join(sorted({t.split('::')[0] for t in mapping[p['name']]}))}")
     print(f"wrote {args.out} ({len(parts)} parts, mapping in {MAPPING}, ASSIGNMENT.md)"
           + (f" and {args.solutions}/solutions.json" if sol else "") + f" in {time.time() - t0:.0f} s")
@@ -614,7 +618,7 @@ def write_assignment(out, parts, mapping, hints=True):
                         "and the tests are the specification)\n")
         files = sorted({t.split("::")[0] for t in tests})
         shown = ", ".join(f"`{t.split('::', 1)[1]}`" for t in tests[:8]) + (" ..." if len(tests) > 8 else "")
-        text.append(f"Graded by {len(tests)} tests in {', '.join(files)}: {shown}\n\n"
+        text.append(f"Graded by {tests_word(len(tests))} in {', '.join(files)}: {shown}\n\n"
                     f"    python classroom.py grade --part {part['name']}\n")
     text.append("## Last exercise: see thinking help\n\n"
                 "With every part passing, train the tiny model with your own code:\n\n"
