@@ -197,7 +197,7 @@ def meta_model(cfg, args):
     if isinstance(model, QuietStar):
         model.attention_impl = "chunked"   # flex's stand-in: keeps little for backward, as flex
     if cfg.activation_checkpointing:
-        train.enable_activation_checkpointing(model)
+        train.enable_activation_checkpointing(model, cfg.ffn_chunks)
     return model
 
 

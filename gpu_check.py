@@ -130,7 +130,7 @@ def check_mistral_step(device, tiny, steps):
     with torch.device(device):
         model = QuietStar(Transformer(args), train.quietstar_config(cfg)).to(torch.bfloat16)
     model.init_thought_parameters()
-    train.enable_activation_checkpointing(model)
+    train.enable_activation_checkpointing(model, cfg.ffn_chunks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, fused=device.type == "cuda")
     n_micro = cfg.docs_per_step // cfg.micro_batch_size
     B, L = cfg.micro_batch_size, cfg.seq_len

@@ -115,6 +115,11 @@ def test_grade_fails_exactly_the_mapped_tests_then_full_marks_when_solved(assign
     n = sum(len(p["tests"]) for p in record["parts"])          # a test graded twice counts twice
     assert done.stdout.splitlines()[-1].split()[1:] == [f"{n}/{n}", "20.0", f"{n}/{n}", "20.0", "20"]
     assert open(out / "model.py").read() == open(os.path.join(ROOT, "model.py")).read()
+    # the handout's last exercise: the default run, on the student's (here: restored) code
+    done = subprocess.run([sys.executable, "train.py", "--max_steps=1", "--final_eval_problems=20",
+                           "--thought_interval=0", "--device=cpu", f"--out_dir={out / 'run'}"],
+                          cwd=out, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "thinking earned: " in done.stdout, done.stderr[-2000:]
 
 
 # the three-part scenario: one part correct, one subtly wrong, one left stubbed

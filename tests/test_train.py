@@ -182,9 +182,11 @@ def test_missing_data_is_a_clear_error(tmp_path):
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()   # no empty out_dir left
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("ffn_chunks", [1, 3])
+def test_activation_checkpointing_gives_the_same_gradients(ffn_chunks):
     """The thought branches read each block's text keys/values from outside the block; the
-    recomputation must still give the same gradients."""
+    recomputation must still give the same gradients (also with the feed-forward recomputed
+    again in chunks of tokens inside it: 3 uneven chunks of the joint sequence)."""
     import copy
 
     import torch
@@ -199,7 +201,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
     with torch.no_grad():
         plain.mixing_head[4].weight.normal_(std=0.3)
     checkpointed = copy.deepcopy(plain)
-    enable_activation_checkpointing(checkpointed)
+    enable_activation_checkpointing(checkpointed, ffn_chunks)
     tokens = torch.randint(3, 50, (2, 10))
     thoughts = plain.sample_thoughts(tokens)
     for qs in (plain, checkpointed):
@@ -207,7 +209,8 @@ def test_activation_checkpointing_gives_the_same_gradients():
         loss.backward()
     assert plain.state_dict().keys() == checkpointed.state_dict().keys()
     for (name, a), (_, b) in zip(plain.named_parameters(), checkpointed.named_parameters()):
-        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8), name
+        # chunks sum a weight's gradient in another order: float32 rounding, 1e-7 of its largest entry
+        assert torch.allclose(a.grad, b.grad, rtol=1e-5, atol=1e-8 + 1e-6 * a.grad.abs().max()), name
 
 
 def test_periodic_evaluation(short_docs, tmp_path):
