@@ -26,7 +26,7 @@ def tokenizer_path():
 
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true",
-                     help="also run the tests marked slow (variants of faster tests; about a minute more)")
+                     help="also run the tests marked slow (about a minute more)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -113,6 +113,7 @@ def test_settings_errors():
         estimate.parse_args(["--mfu=x"])
 
 
+@pytest.mark.slow
 def test_feed_forward_in_chunks_lowers_the_block_backward():
     """--ffn_chunks=2 at Mistral-7B shapes (one block, one GPU, checkpointing):
     the block's backward holds half the feed-forward's 14,336-wide intermediates at a time."""
