@@ -14,7 +14,8 @@ the chosen parts by `raise NotImplementedError(...)`, keeping its signature and 
 the test files that import the part's module (at their top) run once on the original code,
 traced to see which tests may call the part, and those run again with that part alone
 stubbed; the tests that passed before and fail now are the part's tests. Tests that start a
-process (train.py, the README's commands) are skipped, not graded. A part that no test
+process (train.py, the README's commands), tests over 5 s and the meta/fake-tensor files
+(NOT_GRADING: they check devices and memory, never values) are not graded. A part that no test
 catches is refused. The mapping is written to DIR/classroom.json, so `grade` only runs tests.
 Any function with a docstring can be a part: `model.apply_rope`, `model.RMSNorm.forward`.
 
@@ -258,12 +259,18 @@ def top_imports(path):
     return imported | {x.module.split(".")[0] for x in tree.body if isinstance(x, ast.ImportFrom) and x.module}
 
 
+# Test files that check where tensors live and how much memory a step takes (meta device,
+# fake tensors), never a value: wrong code passes them, so by default they grade nothing
+# (--tests may still name them).
+NOT_GRADING = ("tests/test_device.py", "tests/test_estimate.py")
+
+
 def test_files_for(root, modules):
-    """tests/test_*.py files that import one of modules at their top level."""
+    """tests/test_*.py files that import one of modules at their top level (not NOT_GRADING)."""
     modules = set(modules)
     found = []
     for name in sorted(os.listdir(os.path.join(root, "tests"))):
-        if name.startswith("test_") and name.endswith(".py") and \
+        if name.startswith("test_") and name.endswith(".py") and f"tests/{name}" not in NOT_GRADING and \
                 top_imports(os.path.join(root, "tests", name)) & modules:
             found.append(f"tests/{name}")
     return found
@@ -390,7 +397,8 @@ def derive_mapping(root, parts, test_files, jobs):
         print(f"ran {len(baseline) + len(slow)} tests on the original code in {t_original - t0:.0f} s, then "
               f"{sum(len(m) for _, _, m in plans)} on the stubbed copies in {time.time() - t_original:.0f} s")
         if slow:
-            print(f"note: {tests_word(len(slow))} took over {MAX_TEST_SECONDS} s each and are not graded: {', '.join(slow)}")
+            print(f"note: not graded, over {MAX_TEST_SECONDS} s each on the original code: {tests_word(len(slow))}, "
+                  f"{', '.join(slow)}")
         return mapping, ran, broken
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -542,8 +550,8 @@ def cmd_make(args):
                                  f"{', '.join(ran[p['name']]) or 'no test file imports its module'}), "
                                  f"so it cannot be graded; choose another function or add a test")
     if broken:
-        print(f"note: {tests_word(len(broken))} failed on the original code (as make runs it, each part's "
-              f"calls traced) and are not graded: "
+        print(f"note: not graded, failed on the original code (as make runs it, each part's calls "
+              f"traced): {tests_word(len(broken))}, "
               f"{', '.join(broken)}")
     copy_tree(root, tracked_files(root), out)
     for part in parts:
