@@ -298,11 +298,15 @@ def test_reward_advantage_policy_equal_a_loop(positive_only):
     loss, m = quietstar_loss(out, tokens, thoughts, valid, c)
     with torch.no_grad():
         ref_loss, reward, advantage, policy = loss_by_loop(out, tokens, thoughts, valid, c)
-    assert torch.allclose(loss, ref_loss, rtol=1e-5)
-    assert math.isclose(m["policy_loss"], policy.item(), rel_tol=1e-5, abs_tol=1e-9)
-    assert math.isclose(m["reward_mean"], reward.mean().item(), rel_tol=1e-5, abs_tol=1e-7)
-    assert math.isclose(m["reward_max"], reward.max().item(), rel_tol=1e-5)
-    assert math.isclose(m["advantage_positive_frac"], (advantage > 0).float().mean().item())
+    assert torch.allclose(loss, ref_loss, rtol=1e-5), f"loss {loss.item()}, the loop's {ref_loss.item()}"
+    assert math.isclose(m["policy_loss"], policy.item(), rel_tol=1e-5, abs_tol=1e-9), \
+        f"policy_loss {m['policy_loss']}, the loop's {policy.item()}"
+    assert math.isclose(m["reward_mean"], reward.mean().item(), rel_tol=1e-5, abs_tol=1e-7), \
+        f"reward_mean {m['reward_mean']}, the loop's {reward.mean().item()}"
+    assert math.isclose(m["reward_max"], reward.max().item(), rel_tol=1e-5), \
+        f"reward_max {m['reward_max']}, the loop's {reward.max().item()}"
+    assert math.isclose(m["advantage_positive_frac"], (advantage > 0).float().mean().item()), \
+        f"advantage_positive_frac {m['advantage_positive_frac']}, the loop's {(advantage > 0).float().mean().item()}"
     assert m["policy_loss"] != 0
 
 
