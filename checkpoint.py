@@ -58,38 +58,36 @@ def write_manifest(path, step):
     fsync_dir(path)
 
 
-def what_is_wrong(path):
-    """None if path is a complete checkpoint directory, else what is wrong with it, naming the
-    file: no manifest (a save that did not finish), a manifest that is not JSON, or a file it
-    lists that is missing or has another size (truncated, or changed after saving)."""
+def inspect(path):
+    """(step, None) if path is a complete checkpoint directory, else (None, what is wrong with
+    it, naming the file): no manifest (a save that did not finish), a manifest that is not
+    JSON, or a file it lists that is missing or has another size (truncated, or changed after
+    saving)."""
     manifest_file = os.path.join(path, MANIFEST)
     if not os.path.isfile(manifest_file):
-        return f"{path}: no {MANIFEST} (a save that did not finish)"
+        return None, f"{path}: no {MANIFEST} (a save that did not finish)"
     try:
         with open(manifest_file) as f:
             manifest = json.load(f)
-        int(manifest["step"])
+        step = int(manifest["step"])
         files = dict(manifest["files"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{manifest_file}: not a valid manifest ({type(e).__name__}: {e})"
+        return None, f"{manifest_file}: not a valid manifest ({type(e).__name__}: {e})"
     for name, size in files.items():
         file = os.path.join(path, name)
         actual = os.path.getsize(file) if os.path.isfile(file) else None
         if actual is None:
-            return f"{file}: missing (listed in {MANIFEST})"
+            return None, f"{file}: missing (listed in {MANIFEST})"
         if actual != size:
-            return f"{file}: {actual:,} bytes, {MANIFEST} says {size:,} (truncated, or changed after saving)"
-    return None
+            return None, f"{file}: {actual:,} bytes, {MANIFEST} says {size:,} (truncated, or changed after saving)"
+    return step, None
 
 
 def complete_step(path):
     """The step of a complete checkpoint directory, or None if it is missing or partial."""
     try:
-        if not os.path.isdir(path) or what_is_wrong(path) is not None:
-            return None
-        with open(os.path.join(path, MANIFEST)) as f:
-            return int(json.load(f)["step"])
-    except (OSError, ValueError):             # removed or renamed meanwhile (another process)
+        return inspect(path)[0] if os.path.isdir(path) else None
+    except OSError:                           # removed or renamed meanwhile (another process)
         return None
 
 
@@ -159,7 +157,7 @@ def resume_state(out_dir, master=True):
 def damaged_checkpoints(out_dir):
     """What is wrong with each checkpoint directory in out_dir that was sealed by a manifest."""
     paths = [os.path.join(out_dir, n) for n in NAMES]
-    return [what_is_wrong(p) for p in paths if os.path.lexists(os.path.join(p, MANIFEST))]
+    return [inspect(p)[1] for p in paths if os.path.lexists(os.path.join(p, MANIFEST))]
 
 
 def refuse_used_out_dir(out_dir, resume, overwrite):

@@ -647,11 +647,16 @@ def copy_student_tree(src, dest):
                     ignore=shutil.ignore_patterns("__pycache__", ".pytest_cache", ".git"))
 
 
-def load_solutions(folder, record):
+def read_solutions(folder):
     path = os.path.join(folder, "solutions.json")
     if not os.path.isfile(path):
         raise ClassroomError(f"--solutions {folder}: no solutions.json (written by make --solutions)")
-    sol = json.load(open(path))
+    return json.load(open(path))
+
+
+def load_solutions(folder, record):
+    """The reference bodies of record's parts, from the solutions made with this assignment."""
+    sol = read_solutions(folder)
     missing = [p["name"] for p in record["parts"] if p["name"] not in sol["bodies"]]
     if missing or sol.get("made_from") != record.get("made_from"):
         raise ClassroomError(f"--solutions {folder}: not this assignment's ("
@@ -767,13 +772,10 @@ def print_grades(summary, kinds, alone):
 
 
 def cmd_solve(args):
-    path = os.path.join(args.solutions, "solutions.json")
-    if not os.path.isfile(path):
-        raise ClassroomError(f"--solutions {args.solutions}: no solutions.json (written by make --solutions)")
-    bodies = json.load(open(path))["bodies"]
+    bodies = read_solutions(args.solutions)["bodies"]
     for name in args.parts:
         if name not in bodies:
-            raise ClassroomError(f"{name}: not in {path} (it has {', '.join(bodies)})")
+            raise ClassroomError(f"{name}: not in {args.solutions}/solutions.json (it has {', '.join(bodies)})")
         replace_bodies(os.getcwd(), {f: (lambda indent, b=b: b) for f, b in bodies[name].items()})
         print(f"{name}: original bodies restored")
 

@@ -404,10 +404,8 @@ def install_signal_handlers(stop, master, out_dir):
 
 
 def resolve_source(init_from):
-    """init_from as a path: 'scratch', an absolute or existing path, else relative to this file."""
-    if init_from == "scratch" or os.path.isabs(init_from) or os.path.isdir(init_from):
-        return init_from
-    return os.path.join(HERE, init_from)
+    """init_from as a path: 'scratch', an existing directory, else as data_path resolves it."""
+    return init_from if init_from == "scratch" or os.path.isdir(init_from) else data_path(init_from)
 
 
 def run_origin(cfg, source):
@@ -649,12 +647,13 @@ def main(argv):
         show_thought(model, tokenizer, tokens, valid, cfg, step)
     if master and cfg.final_eval == "arith" and isinstance(model, QuietStar) and not fsdp and not stop["signal"]:
         from data.arith.report import final_report, load_test, thinking_summary
+        problems = load_test(limit=cfg.final_eval_problems)
         if origin == "resume":       # a checkpoint from before runs kept their origin: no base model
             print("no base-model controls: this checkpoint does not say what the run started from")
-            evaluated = thinking_summary(model, tokenizer, load_test(limit=cfg.final_eval_problems), cfg.seed)
+            evaluated = thinking_summary(model, tokenizer, problems, cfg.seed)
         else:
             base = load_model(cfg, resolve_source(origin), rank, device, fsdp, tokenizer).to(device)  # as at step 0
-            rows = final_report(model, base, tokenizer, load_test(limit=cfg.final_eval_problems), cfg.seed)
+            rows = final_report(model, base, tokenizer, problems, cfg.seed)
             evaluated = {f"arith/exact/{key}": rows[f"trained, {name}"]["exact"]       # for plot_run.py
                          for key, name in (("thinking", "with thinking"), ("no_thinking", "without thinking"))}
         metrics_file.write(json.dumps({"step": cfg.max_steps, **evaluated}) + "\n")

@@ -195,8 +195,8 @@ def thinking_summary(qs, tok, examples, seed=0, n_shown=3, random_thoughts=False
     print_fn(score_line(f"with {label}", thinking))
     show_thoughts(tok, examples, thinking["thoughts"], n_shown, print_fn)
     a, b = plain["exact"], thinking["exact"]
-    print_fn(f"without vs with thinking: exact accuracy {100 * a[0]:.1f}% ± {100 * a[1]:.1f} without thinking -> "
-             f"{100 * b[0]:.1f}% ± {100 * b[1]:.1f} with {label} (n={a[2]} held-out problems)")
+    print_fn(f"without vs with thinking: exact accuracy {pct(a)} without thinking -> "
+             f"{pct(b)} with {label} (n={a[2]} held-out problems)")
     return results
 
 
