@@ -17,6 +17,7 @@ stubbed; the tests that passed before and fail now are the part's tests. Tests t
 process (train.py, the README's commands), tests over 5 s and the meta/fake-tensor files
 (NOT_GRADING: they check devices and memory, never values) are not graded. A part that no test
 catches is refused. The mapping is written to DIR/classroom.json, so `grade` only runs tests.
+The slow reference loops the tests' stored numbers came from (ANSWER_FILES) are not handed out.
 Any function with a docstring can be a part: `model.apply_rope`, `model.RMSNorm.forward`.
 
 `grade` scores each part twice: "whole", on the student's code as it is, and with the
@@ -44,24 +45,24 @@ from concurrent.futures import ThreadPoolExecutor
 PARTS = [
     ("rmsnorm", "RMSNorm", ["model.RMSNorm.forward"],
      "normalise each vector by its root mean square (in float32) and scale it by a learned weight",
-     "Zhang & Sennrich 2019, Root Mean Square Layer Normalization, Sec. 3"),
+     "Zhang & Sennrich 2019, Root Mean Square Layer Normalization (the RMSNorm formula)"),
     ("rope", "Rotary position embeddings", ["model.rope_cos_sin", "model.apply_rope"],
      "rotate each pair of dimensions by position x frequency, so that q.k depends on the distance only",
-     "Su et al. 2021, RoFormer, Sec. 3.4 (the rotation of pairs, computed efficiently)"),
+     "Su et al. 2021, RoFormer, Sec. 3.2 (the rotation of pairs) and 3.4.2 (computed efficiently)"),
     ("attention", "Grouped-query attention with a sliding window",
      ["model.attention_mask", "model.Attention.forward"],
      "causal attention where 4 query heads share one key/value head and a token sees at most "
      "`window` tokens, also through a KV cache and left padding",
-     "Ainslie et al. 2023, GQA; Jiang et al. 2023, Mistral 7B, Sec. 2 (sliding window attention)"),
+     "Ainslie et al. 2023, GQA; Jiang et al. 2023, Mistral 7B, Sec. 2 Architectural details (sliding window attention)"),
     ("swiglu", "SwiGLU feed-forward", ["model.FeedForward.forward"],
      "the gated feed-forward layer: w2(silu(w1 x) * w3 x)",
-     "Shazeer 2020, GLU Variants Improve Transformer, Sec. 2 (FFN_SwiGLU)"),
+     "Shazeer 2020, GLU Variants Improve Transformer (FFN_SwiGLU)"),
     ("kv_cache", "The KV cache", ["model.KVCache.update"],
      "keep every past key and value so that decoding one token costs one token, not a recompute",
      "README: decoding; tested against recomputing the whole sequence"),
     ("sampling", "Sampling: temperature, top-k, top-p", ["model.sample"],
      "turn logits into a token: greedy, temperature, top-k and nucleus (top-p) filtering",
-     "Holtzman et al. 2020, The Curious Case of Neural Text Degeneration, Sec. 3.1 (top-p)"),
+     "Holtzman et al. 2020, The Curious Case of Neural Text Degeneration (nucleus sampling, top-p)"),
     ("qk_permutation", "The q/k permutation on loading", ["model.permute_for_rope"],
      "undo the reordering of Hugging Face's wq/wk rows (made for its rotate-half RoPE), and redo it on saving",
      "transformers' convert_mistral_weights_to_hf.py, permute(); model.py's docstring"),
@@ -77,21 +78,23 @@ PARTS = [
      "Quiet-STaR, Sec. 4.2 Parallel Generation"),
     ("mixing_head", "The mixing head", ["quietstar.QuietStar._mix"],
      "interpolate the base and post-thought hidden states with a learned weight w",
-     "Quiet-STaR, Sec. 4.3 \"Mixing\" (Residual) Heads"),
+     "Quiet-STaR, Sec. 4.3 \"Mixing\" (Residual) Heads (talk)"),
     ("talk_loss", "Talk loss and reward", ["quietstar.talk_loss_and_reward"],
      "the non-myopic loss over the next n_talk true tokens, and a thought's reward: how much "
      "likelier it made them",
-     "Quiet-STaR, Sec. 4.4 Optimizing Rationale Generation (non-myopic scoring, reward r_j)"),
+     "Quiet-STaR, Sec. 4.4 Optimizing Rationale Generation: Non-myopic Scoring and "
+     "Teacher-forcing, and the reward r_j of its Objective"),
     ("reinforce", "REINFORCE with a baseline", ["quietstar.reinforce_loss"],
      "the policy gradient on sampled thought tokens, with the mean reward of sibling thoughts "
      "as baseline",
-     "Quiet-STaR, Sec. 4.4 Optimizing Rationale Generation (the REINFORCE gradient)"),
+     "Quiet-STaR, Sec. 4.4 Optimizing Rationale Generation: its Objective (the REINFORCE "
+     "gradient, the baseline the mean reward of the position's rationales)"),
     ("thinking_generation", "Thinking generation", ["quietstar.QuietStar._think"],
      "think before each generated token with a throwaway branch over the text's KV cache",
-     "Quiet-STaR, Sec. 4.1 Overview and Algorithm 1 (think, talk at inference)"),
+     "Quiet-STaR, Algorithm 1 (think, then talk), run before each generated token"),
     ("grad_clip", "Gradient clipping", ["train.clip_gradients"],
      "scale all gradients so that their global norm is at most max_norm (summed in float64)",
-     "Pascanu et al. 2013, On the difficulty of training RNNs, Sec. 3.2"),
+     "Pascanu et al. 2013, On the difficulty of training RNNs, Sec. 3.2 (Scaling down the gradients)"),
 ]
 MAX_TEST_SECONDS = 5   # a test slower than this on the original code is not graded (grading stays fast)
 POINTS = 10            # a part's default worth; its points = its worth x passed / total (--points)
@@ -126,7 +129,9 @@ HINTS = dict(
     thinking_generation="the thought's keys and values are thrown away after each token: only "
                         "the text's stay in the cache",
     grad_clip="one norm over all parameters together; scale only when it exceeds max_norm")
-PAPERS_CHECKED = False   # the section numbers in PARTS are from the papers as we recall them
+# The section numbers in PARTS were checked against the papers' text (section titles and the
+# papers' own cross-references, e.g. Quiet-STaR's "talk, Subsection 4.3"); where no text could be
+# checked, a part names the paper and the formula, not a number.
 MAPPING = "classroom.json"
 
 
@@ -263,16 +268,24 @@ def top_imports(path):
 # fake tensors), never a value: wrong code passes them, so by default they grade nothing
 # (--tests may still name them).
 NOT_GRADING = ("tests/test_device.py", "tests/test_estimate.py")
+# The slow loops that the stored numbers in the tests came from, the tests that hold the code
+# to them, and this tool's own test (it writes out parts' right lines to break them): they are
+# the answers (the loss written out, the clamp, the rotary angles), so make leaves them out of
+# the student's folder; the student's tests compare with the stored numbers and state
+# properties. The repository's own suite still runs them.
+ANSWER_FILES = ("tests/references.py", "tests/test_references.py", "tests/test_classroom.py")
 
 
 def test_files_for(root, modules):
-    """tests/test_*.py files that import one of modules at their top level (not NOT_GRADING)."""
+    """tests/test_*.py files that import one of modules at their top level (not NOT_GRADING,
+    not ANSWER_FILES)."""
     modules = set(modules)
     found = []
     for name in sorted(os.listdir(os.path.join(root, "tests"))):
-        if name.startswith("test_") and name.endswith(".py") and f"tests/{name}" not in NOT_GRADING and \
-                top_imports(os.path.join(root, "tests", name)) & modules:
-            found.append(f"tests/{name}")
+        path = f"tests/{name}"
+        if name.startswith("test_") and name.endswith(".py") and path not in NOT_GRADING + ANSWER_FILES \
+                and top_imports(os.path.join(root, path)) & modules:
+            found.append(path)
     return found
 
 
@@ -553,7 +566,7 @@ def cmd_make(args):
         print(f"note: not graded, failed on the original code (as make runs it, each part's calls "
               f"traced): {tests_word(len(broken))}, "
               f"{', '.join(broken)}")
-    copy_tree(root, tracked_files(root), out)
+    copy_tree(root, [f for f in tracked_files(root) if f not in ANSWER_FILES], out)
     for part in parts:
         stub(out, part, hints=not args.no_hints)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
@@ -605,9 +618,6 @@ def write_assignment(out, parts, mapping, hints=True):
             "Grade yourself at any time: `python classroom.py grade` (all parts) or "
             "`python classroom.py grade --part NAME`. Each failing test prints its assertion "
             "with the values it compared.\n"]
-    if not PAPERS_CHECKED and any(p["source"] for p in parts):
-        text.append("(The paper section numbers below were not checked against the papers' text "
-                    "when this handout was made.)\n")
     for i, part in enumerate(parts, 1):
         tests = mapping[part["name"]]
         minutes = f", about {part['minutes']:g} min" if part["minutes"] else ""

@@ -58,6 +58,11 @@ def test_stubbed_functions_raise_and_the_rest_is_identical(assignment):
     assert "raise NotImplementedError('rmsnorm: " in theirs["RMSNorm.forward"][2]
     for f in ("tokenizer.py", "quietstar.py", "tests/test_model.py", "tests/conftest.py"):
         assert open(os.path.join(ROOT, f)).read() == open(out / f).read(), f
+    # the answers stay with the teacher: no slow loop, no written-out formula in the tests
+    assert not any(os.path.exists(out / f) for f in classroom.ANSWER_FILES)
+    for f in os.listdir(out / "tests"):
+        text = open(out / "tests" / f).read() if f.endswith(".py") else ""
+        assert not any(s in text for s in ("advantage.clamp(min=0)", "def loss_by_loop", "** (-2 * i")), f
     probe = ("import torch, model\n"
              "for call in (lambda: model.RMSNorm(4, 1e-5)(torch.ones(4)), "
              "lambda: model.sample(torch.zeros(1, 3))):\n"
@@ -75,7 +80,7 @@ def test_mapping_names_the_tests_that_use_each_part(assignment):
             "test_left_padded_batch_equals_transformers"} <= tests["rmsnorm"]
     assert tests["sampling"] == {"test_sample_top_k_and_top_p", "test_generate_stops_at_eos",
                                  "test_generate_is_deterministic_and_batch_independent"}
-    for untouched in ("test_sample_top_k_and_top_p", "test_presets", "test_rope_rotates_pairs_by_position_times_frequency"):
+    for untouched in ("test_sample_top_k_and_top_p", "test_presets", "test_rope_keeps_lengths_and_makes_scores_depend_on_distance_only"):
         assert untouched not in tests["rmsnorm"]
     assert all(t.startswith(TESTS + "::") for p in record["parts"] for t in p["tests"])
 

@@ -120,17 +120,17 @@ def test_explicit_positions_act_as_a_shift():
     assert not torch.allclose(scrambled, base, atol=1e-3)
 
 
-def test_rope_rotates_pairs_by_position_times_frequency():
-    x = torch.randn(1, 3, 2, 8)
-    cos, sin = rope_cos_sin(torch.arange(3), 8, 10000.0)
-    y = apply_rope(x, cos, sin)
-    for t in range(3):
-        for i in range(4):
-            angle = t * 10000.0 ** (-2 * i / 8)
-            c, s = torch.cos(torch.tensor(angle)), torch.sin(torch.tensor(angle))
-            x0, x1 = x[0, t, :, 2 * i], x[0, t, :, 2 * i + 1]
-            assert torch.allclose(y[0, t, :, 2 * i], x0 * c - x1 * s, atol=1e-6)
-            assert torch.allclose(y[0, t, :, 2 * i + 1], x0 * s + x1 * c, atol=1e-6)
+def test_rope_keeps_lengths_and_makes_scores_depend_on_distance_only():
+    """Properties, not the formula: each rotated pair keeps its length, and q.k after the
+    rotation depends only on how far apart the two positions are."""
+    q, k = torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)     # (B, T, H, D)
+    rotate = lambda x, p: apply_rope(x, *rope_cos_sin(torch.tensor([p]), 8, 10000.0))
+    pair_length = lambda x: x.view(*x.shape[:-1], 4, 2).norm(dim=-1)
+    assert torch.allclose(pair_length(rotate(q, 7)), pair_length(q), atol=1e-5)
+    score = lambda pq, pk: (rotate(q, pq) * rotate(k, pk)).sum(-1)
+    assert torch.allclose(score(5, 2), score(13, 10), atol=1e-4)
+    assert torch.allclose(score(0, 0), (q * k).sum(-1), atol=1e-5)
+    assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
 
 
 def test_generate_is_deterministic_and_batch_independent():
