@@ -169,7 +169,12 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, mask, start, attend=None):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, start, attend)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.ffn(h)
+
+    def ffn(self, h):
+        # the feed-forward sublayer, its norm included: token-wise, so train.py can recompute
+        # it in chunks of tokens (enable_activation_checkpointing's ffn_chunks)
+        return self.feed_forward(self.ffn_norm(h))
 
 
 def attention_mask(start, T, key_valid, window, device):

@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# about this many float32 scores or logits per chunk (256 MiB): small enough to be a
+# about this many float32 scores or logits per chunk (128 MiB): small enough to be a
 # transient, big enough for efficient matmuls
-CHUNK_ELEMENTS = 2 ** 26
+CHUNK_ELEMENTS = 2 ** 25
 
 
 def thought_attention(q, k_text, v_text, k_branch, v_branch, text_visible, branch_visible=None):

@@ -32,6 +32,7 @@ import resource
 import signal
 import sys
 import time
+import types
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
@@ -92,7 +93,7 @@ class TrainConfig:
     pure_bf16: bool = False          # bf16 weights and optimizer state, as the official run
     fsdp: bool = True                # with several processes: FSDP2 if True, else DDP
     activation_checkpointing: bool = False   # recompute activations in backward (less memory)
-    ffn_chunks: int = 1              # with checkpointing: recompute each feed-forward in N chunks of tokens
+    ffn_chunks: int = 1              # with checkpointing: recompute each feed-forward in N chunks of tokens (docs/gpu.md)
     compile: bool = False            # torch.compile each transformer block (for GPU runs; needs a compiler)
     # logging and checkpoints
     log_interval: int = 1            # print and log a step line every N steps
@@ -246,24 +247,28 @@ def checkpoint_with_grad(function, *args, **kwargs):
 
 def enable_activation_checkpointing(model, ffn_chunks=1):
     """Recompute each block's activations in the backward pass instead of storing them. With
-    ffn_chunks > 1 the feed-forward is checkpointed again inside the block, in that many
-    chunks of tokens: the block's backward then holds one chunk's 14,336-wide intermediates
-    at a time, not all of them (its forward runs once more: ~+1/6 of the step's FLOPs)."""
+    ffn_chunks > 1 the block's own backward is made leaner too: its feed-forward sublayer
+    (norm and SwiGLU) is checkpointed again in that many chunks of tokens, so it holds one
+    chunk's 14,336-wide intermediates at a time, and the attention's norm is checkpointed,
+    so its float32 copies are not kept (the forward runs once more: ~+1/6 of the FLOPs)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
     layers = blocks_of(model)
     for i, block in enumerate(layers):
         if ffn_chunks > 1:
-            block.feed_forward.forward = chunked(block.feed_forward.forward, ffn_chunks)
+            block.ffn_chunks = ffn_chunks
+            block.ffn = types.MethodType(ffn_in_chunks, block)
+            block.attention_norm = checkpoint_wrapper(block.attention_norm, checkpoint_fn=checkpoint_with_grad)
         layers[i] = checkpoint_wrapper(block, checkpoint_fn=checkpoint_with_grad)
 
 
-def chunked(forward, n_chunks):
-    """forward(x) on x (B, T, d) as n_chunks checkpointed pieces along T (a token-wise function)."""
-    def run(x):
-        if not torch.is_grad_enabled() or x.shape[1] < n_chunks:
-            return forward(x)
-        return torch.cat([checkpoint_with_grad(forward, part) for part in x.chunk(n_chunks, dim=1)], dim=1)
-    return run
+def ffn_in_chunks(block, h):
+    """TransformerBlock.ffn (ffn_norm, then the feed-forward) on h (B, T, d) as block.ffn_chunks
+    checkpointed chunks of tokens (it is token-wise). A method bound to each block, not a
+    closure: compiled blocks then share one graph (closures differ per block: recompiles)."""
+    ffn = type(block).ffn
+    if not torch.is_grad_enabled() or h.shape[1] < block.ffn_chunks:
+        return ffn(block, h)
+    return torch.cat([checkpoint_with_grad(ffn, block, part) for part in h.chunk(block.ffn_chunks, dim=1)], dim=1)
 
 
 def autocast_context(device_type, cfg, fsdp):

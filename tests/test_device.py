@@ -121,13 +121,15 @@ def test_no_cast_made_while_sampling_reaches_the_backward():
     assert min(casts) > sampled_by[0]                     # and none from sampling
 
 
-def test_compiled_blocks_run_one_graph_per_pass_without_breaks():
+@pytest.mark.parametrize("ffn_chunks", [1, 2])
+def test_compiled_blocks_run_one_graph_per_pass_without_breaks(ffn_chunks):
     """train.py --compile with activation checkpointing: sampling (the text, then 9 steps of
     every branch), the training forward and backward, twice, with no graph break and no
     recompilation after the first step: one graph for the text pass, two for the branch steps
     (the first step, and the rest), one for the joint pass. (Breaks were: checkpointing's op
     refusing the sampling caches' mutation; recompiles: the cache growing at every step, past
-    torch.compile's limit of 8.) Dynamo only (backend="eager"): no compiler needed."""
+    torch.compile's limit of 8; with ffn_chunks, a closure per block made each block recompile.)
+    Dynamo only (backend="eager"): no compiler needed."""
     import torch._dynamo
     from torch._dynamo.utils import counters
     from test_quietstar import batch_with_padding, tiny_quietstar
@@ -136,7 +138,7 @@ def test_compiled_blocks_run_one_graph_per_pass_without_breaks():
     counters.clear()
     torch.manual_seed(0)
     qs = tiny_quietstar(sliding_window=5, n_layers=3, n_thought_tokens=9)
-    enable_activation_checkpointing(qs)
+    enable_activation_checkpointing(qs, ffn_chunks)
     for block in blocks_of(qs):
         block.compile(backend="eager")
     tokens = batch_with_padding()

@@ -116,10 +116,11 @@ def test_settings_errors():
 @pytest.mark.slow
 def test_feed_forward_in_chunks_lowers_the_block_backward():
     """--ffn_chunks=2 at Mistral-7B shapes (one block, one GPU, checkpointing):
-    the block's backward holds half the feed-forward's 14,336-wide intermediates at a time."""
+    the block's backward holds half the feed-forward's 14,336-wide intermediates at a time,
+    and not the norms' float32 copies."""
     peaks = {}
     for chunks in (1, 2):
         cfg, opt = estimate.parse_args([PAPER, "--n_layers=1", "--activation_checkpointing=True",
                                         f"--ffn_chunks={chunks}"])
         peaks[chunks] = estimate.estimate(cfg, 1, opt["n_layers"])["activations"] / GiB
-    assert peaks[2] < 0.9 * peaks[1], peaks          # measured: 2.83 -> 2.39 GiB
+    assert peaks[2] < 0.8 * peaks[1], peaks          # measured: 2.83 -> 2.22 GiB (2.39 without the norms)

@@ -185,8 +185,9 @@ def test_missing_data_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize("ffn_chunks", [1, 3])
 def test_activation_checkpointing_gives_the_same_gradients(ffn_chunks):
     """The thought branches read each block's text keys/values from outside the block; the
-    recomputation must still give the same gradients (also with the feed-forward recomputed
-    again in chunks of tokens inside it: 3 uneven chunks of the joint sequence)."""
+    recomputation must still give the same gradients (also with the feed-forward sublayer
+    recomputed again in chunks of tokens inside it, 3 uneven chunks of the joint sequence,
+    and the attention's norm checkpointed), and the same state dict keys."""
     import copy
 
     import torch
