@@ -311,8 +311,11 @@ class CharTokenizer:
         return tok
 
     def save(self, directory):
-        with open(os.path.join(directory, "vocab.json"), "w") as f:
+        """directory/vocab.json, whole or not at all (a run reading it meanwhile sees the old one)."""
+        tmp = os.path.join(directory, f"vocab.json.tmp{os.getpid()}")
+        with open(tmp, "w") as f:
             json.dump({"symbols": self.symbols}, f)
+        os.replace(tmp, os.path.join(directory, "vocab.json"))
 
     @property
     def vocab_size(self):

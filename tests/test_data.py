@@ -1,4 +1,6 @@
 """dataloader.py on hand-made documents."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -71,3 +73,25 @@ def test_bad_data_files(tmp_path):
     (tmp_path / "cut.bin").write_bytes(data[:-2])
     with pytest.raises(ValueError, match="cut.bin: holds 4 tokens, the index says 5"):
         Documents(str(tmp_path / "cut"))
+
+
+def test_two_processes_writing_the_same_data_at_once(tmp_path, monkeypatch):
+    """Two runs started at once both prepare data/arith (a real failure: one renamed the
+    shared temporary file the other was about to rename). Replay that interleaving: a second
+    process (another pid) writes the same files between this one's writes and its renames."""
+    prefix, docs = str(tmp_path / "d"), [[1, 5, 2], [1, 7, 7, 2]]
+    real_replace, interleaved = os.replace, []
+
+    def replace(src, dst):
+        if not interleaved:
+            interleaved.append(True)
+            with monkeypatch.context() as other:
+                other.setattr(os, "getpid", lambda: 999_999)
+                write_documents(prefix, docs)                   # the other process, whole
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    write_documents(prefix, docs)
+    d = Documents(prefix)
+    assert [d[i].tolist() for i in range(len(d))] == docs
+    assert sorted(os.listdir(tmp_path)) == ["d.bin", "d.idx.npy"]     # no temporary file left
