@@ -28,9 +28,10 @@ def write_documents(path_prefix, documents):
         raise ValueError(f"{path_prefix}: token ids must fit in uint16")
     offsets = np.cumsum([0] + [len(d) for d in documents]).astype(np.int64)
     os.makedirs(os.path.dirname(os.path.abspath(path_prefix)), exist_ok=True)
-    # temporary names of this process: two runs started at once may both prepare the same
-    # data (identical bytes); each renames its own complete files, neither loses the other's
-    tmp = f".tmp{os.getpid()}"
+    # temporary names of this process (ending in .tmp, as every temporary file here): two runs
+    # started at once may both prepare the same data (identical bytes); each renames its own
+    # complete files, neither loses the other's
+    tmp = f".{os.getpid()}.tmp"
     with open(path_prefix + ".bin" + tmp, "wb") as f:
         np.concatenate(documents).astype(np.uint16).tofile(f)
     with open(path_prefix + ".idx.npy" + tmp, "wb") as f:

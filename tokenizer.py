@@ -312,7 +312,7 @@ class CharTokenizer:
 
     def save(self, directory):
         """directory/vocab.json, whole or not at all (a run reading it meanwhile sees the old one)."""
-        tmp = os.path.join(directory, f"vocab.json.tmp{os.getpid()}")
+        tmp = os.path.join(directory, f"vocab.json.{os.getpid()}.tmp")
         with open(tmp, "w") as f:
             json.dump({"symbols": self.symbols}, f)
         os.replace(tmp, os.path.join(directory, "vocab.json"))

@@ -91,7 +91,7 @@ def prepare(out_dir=HERE, seed=SEED):
     encode = lambda texts: [tok.encode(t, eos=True) for t in texts]   # noqa: E731
     write_documents(os.path.join(out_dir, "train"), encode(answer_only(q) for q in train))
     write_documents(os.path.join(out_dir, "pretrain"), encode(pretraining_texts(pretrain, seed)))
-    tmp = os.path.join(out_dir, f"test.jsonl.tmp{os.getpid()}")   # see write_documents
+    tmp = os.path.join(out_dir, f"test.jsonl.{os.getpid()}.tmp")   # see write_documents
     with open(tmp, "w") as f:
         for q in test:
             f.write(json.dumps({"question": q, "answer": str(solve(q)[1])}) + "\n")
