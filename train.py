@@ -62,23 +62,23 @@ class TrainConfig:
     mode: str = "quietstar"          # "quietstar", or "lm" for plain next-token fine-tuning
     out_dir: str = "out"             # where ckpt/ and metrics.jsonl go
     # data (see dataloader.py); data/arith and data/math are prepared automatically on first use
-    data: str = "data/arith/train"   # path prefix of NAME.bin + NAME.idx.npy; answer-only problems, not OpenWebMath
+    data: str = "data/arith/train"   # path prefix of NAME.bin + NAME.idx.npy; arithmetic text, not OpenWebMath
     val_data: str = ""               # validation loss data (with eval_interval)
     n_documents: int = 0             # use only the first N documents (0: all); the paper: 1000
-    seq_len: int = 11                # BOS + one problem + EOS (the paper: 256-token windows)
+    seq_len: int = 26                # BOS + one problem, its steps and filler + EOS (the paper: 256-token windows)
     docs_per_step: int = 32          # documents per optimizer step: more, shorter ones (the paper: 8)
     micro_batch_size: int = 32       # documents per forward/backward on one process
     seed: int = 42                   # data order, thoughts and new weights
     # Quiet-STaR (see quietstar.py); the paper: 9 thought tokens, 4 talk steps, 2 thoughts
-    n_thought_tokens: int = 8        # not the length of any written steps (the paper: 9)
+    n_thought_tokens: int = 7        # room for the steps between bars, "|7,4,9|" (the paper: 9)
     n_talk: int = 1                  # the answer is one symbol (the paper: 4)
     n_thoughts: int = 2              # as the paper
-    policy_weight: float = 1.0       # REINFORCE on the NLL's scale (the paper: 1e6)
+    policy_weight: float = 100.0     # REINFORCE strong beside the NLL (the paper: 1e6, at lr 1e-6)
     reinforce_temperature: float = 3.0   # as the paper
     base_loss_weight: float = 0.5    # as the paper
     positive_advantage_only: bool = True   # as the paper
     embedding_scale: float = 1.0     # delimiters learn at the common lr (the paper: 100x, at lr 1e-6)
-    delimiter_init_id: int = 0       # token whose embedding starts <start> and <end>: <unk>, in no text (the paper: '---')
+    delimiter_init_id: int = 19      # token whose embedding starts <start> and <end>: the filler space (the paper: '---')
     # optimisation: AdamW on every parameter (weight decay too, as the official run)
     learning_rate: float = 1e-3      # a tiny model learns fast (the paper: 1e-6 on Mistral-7B)
     weight_decay: float = 1e-3       # as the paper

@@ -42,9 +42,23 @@ def test_splits_seeded_disjoint_and_correct():
     for q in test + train[:2000] + pretrain[:2000]:
         steps, answer = prepare.solve(q)
         assert answer == left_to_right_mod10(q) == steps[-1]
-    texts = prepare.pretraining_texts(pretrain[:2000])
+    texts = prepare.texts(pretrain[:2000])
     n_steps = sum("|" in t for t in texts)
     assert 800 < n_steps < 1200                                        # about half show steps
+    assert prepare.texts(train[:2000], seed=prepare.SEED + 10) != prepare.texts(train[:2000])
+
+
+def test_filler_is_noise_and_held_out_questions_are_clean():
+    """Without its spaces every text is a clean problem, with or without steps; about 1 symbol
+    in 10 is followed by one; no text ends with one; the held-out questions have none."""
+    _, train, pretrain = prepare.splits()
+    for questions in (pretrain[:3000], train[:3000]):
+        texts = prepare.texts(questions)
+        for q, t in zip(questions, texts):
+            assert t.replace(" ", "") in (prepare.with_steps(q), prepare.answer_only(q)) and not t.endswith(" ")
+        spaces, symbols = sum(t.count(" ") for t in texts), sum(len(t.replace(" ", "")) - 1 for t in texts)
+        assert 0.08 < spaces / symbols < 0.12
+    assert not any(" " in ex["question"] for ex in report.load_test())
 
 
 def test_committed_test_file_is_the_generators():
@@ -67,15 +81,18 @@ def test_vocabulary_round_trip():
         tok.encode("3/4")
 
 
-def test_thought_slot_is_not_the_pretraining_format():
-    """The delimiters start from a symbol that no training or pretraining text contains, so
-    the slot is no reasoning prompt at step 0 (the old run started them from '|')."""
+def test_thought_slot_starts_from_the_filler():
+    """The delimiters start from the filler space (the toy's '---'), a symbol every kind of text
+    scatters at random, not from the '|' that opens written steps; no text holds the slot's
+    own symbols."""
     tok = load_tokenizer(os.path.join(ROOT, "data", "arith"))
     config = read_overrides([os.path.join(ROOT, "config", "arith.py")])
+    assert tok.decode([config["delimiter_init_id"]]) == " "
     _, train, pretrain = prepare.splits()
-    texts = [prepare.answer_only(q) for q in train[:500]] + prepare.pretraining_texts(pretrain[:2000])
+    texts = prepare.texts(train[:500], prepare.SEED + 10) + prepare.texts(pretrain[:2000])
     used = {i for t in texts for i in tok.encode(t, bos=True, eos=True)}
-    assert config["delimiter_init_id"] not in used and config["delimiter_init_id"] < tok.n_words
+    assert config["delimiter_init_id"] in used
+    assert tok.thought_start_id not in used and tok.thought_end_id not in used
 
 
 def tiny_arith_model(seed, w=0.3):

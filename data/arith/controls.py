@@ -1,7 +1,7 @@
 """
 The controls of the default run that need their own training runs, and the seeds: for each
 seed, three runs of `train.py config/arith.py` (the default run; (b) the same without
-REINFORCE, --policy_weight=0; (d) plain answer-only fine-tuning for the same steps,
+REINFORCE, --policy_weight=0; (d) plain fine-tuning on the same text for the same steps,
 --mode=lm), then every model scored by data/arith/report.py's score(), the code that scores
 the default run's headline, on the same 1,000 held-out problems with the run's seed.
 
@@ -70,7 +70,7 @@ def score_seed(seed, out_root, extra_settings=(), print_fn=print):
                                    trainer.quietstar_config(cfg))   # a plain model: scored without thinking
     extra = {"(b) run without REINFORCE, with thinking": score(no_reinforce, tok, examples, True, seed),
              "(b) run without REINFORCE, without thinking": score(no_reinforce, tok, examples, False, seed),
-             "(d) answer-only fine-tuning (--mode=lm)": score(lm, tok, examples, False, seed)}
+             "(d) plain fine-tuning (--mode=lm)": score(lm, tok, examples, False, seed)}
     return final_report(full, base, tok, examples, seed, extra=extra, print_fn=print_fn)
 
 

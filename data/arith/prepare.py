@@ -12,11 +12,15 @@ last digit of every intermediate result (arithmetic mod 10):
 Three splits of the 10^4 * 3^3 = 270,000 possible problems, disjoint by construction (one
 seeded shuffle of all problems, cut in three):
   test.jsonl    1,000 held-out problems, {"question": "3+4*2-5=", "answer": "9"}
-  train         30,000 problems with the answer only, "3+4*2-5=9": the Quiet-STaR text
-  pretrain      the other 239,000: half of them show their steps between bars,
-                "3+4*2-5=|7,4,9|9", the other half only the answer, so a base model has seen
-                reasoning written down, as Mistral saw it on the web, but is not told when.
-Every document ends with EOS. The vocabulary (vocab.json, 19 symbols) is copied into every
+  pretrain      239,000 problems for the base model's plain next-token pretraining
+  train         30,000 other problems: the Quiet-STaR text
+Pretraining and Quiet-STaR text are the same kind of text, as Mistral's web text and the
+paper's OpenWebMath are: half the problems show their steps between bars,
+"3+4*2-5=|7,4,9|9", the other half only the answer, so a model has seen reasoning written
+down but is not told when; and the text is noisy: after any symbol a space falls in 1 time
+in 10 ("3+4 *2-5=|7,4, 9|9"), a symbol that means nothing, as a page break or a "---" means
+nothing to the sum. Held-out questions are clean, and asked for the answer only.
+Every document ends with EOS. The vocabulary (vocab.json, 20 symbols) is copied into every
 checkpoint; ids 1 and 2 are BOS and EOS, as in Mistral's tokenizer.
 """
 
@@ -35,9 +39,11 @@ from tokenizer import CharTokenizer  # noqa: E402
 SEED = 1337
 N_OPS = 3                 # operations per problem: the steps a thought has to carry
 N_TEST, N_TRAIN = 1000, 30000
-STEPS_FRACTION = 0.5      # pretraining documents that show their steps
-# <unk>, BOS, EOS first (Mistral's ids 0, 1, 2); "|" opens and closes the written-out steps
-SYMBOLS = ["<unk>", "<s>", "</s>"] + list("0123456789+-*=|,")
+STEPS_FRACTION = 0.5      # documents that show their steps
+FILLER = 0.1              # chance of a space after each symbol of a document
+# <unk>, BOS, EOS first (Mistral's ids 0, 1, 2); "|" opens and closes the written-out steps;
+# " " (id 19) is the filler, the symbol the thought delimiters start from (config/arith.py)
+SYMBOLS = ["<unk>", "<s>", "</s>"] + list("0123456789+-*=|,") + [" "]
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
@@ -74,9 +80,16 @@ def splits(seed=SEED):
     return questions[:N_TEST], questions[N_TEST:N_TEST + N_TRAIN], questions[N_TEST + N_TRAIN:]
 
 
-def pretraining_texts(questions, seed=SEED):
-    rng = random.Random(seed + 1)
-    return [with_steps(q) if rng.random() < STEPS_FRACTION else answer_only(q) for q in questions]
+def with_filler(text, rng):
+    """'3+4*2-5=9' -> '3+4 *2-5=9': a space after each symbol with chance FILLER (none at the end)."""
+    return "".join(ch + " " * (rng.random() < FILLER) for ch in text).rstrip(" ")
+
+
+def texts(questions, seed=SEED):
+    """The text of pretraining and of Quiet-STaR training: half with steps, all with filler."""
+    rng, filler_rng = random.Random(seed + 1), random.Random(seed + 2)
+    chosen = [with_steps(q) if rng.random() < STEPS_FRACTION else answer_only(q) for q in questions]
+    return [with_filler(t, filler_rng) for t in chosen]
 
 
 def vocabulary():
@@ -89,14 +102,14 @@ def prepare(out_dir=HERE, seed=SEED):
     os.makedirs(out_dir, exist_ok=True)
     tok.save(out_dir)
     encode = lambda texts: [tok.encode(t, eos=True) for t in texts]   # noqa: E731
-    write_documents(os.path.join(out_dir, "train"), encode(answer_only(q) for q in train))
-    write_documents(os.path.join(out_dir, "pretrain"), encode(pretraining_texts(pretrain, seed)))
+    write_documents(os.path.join(out_dir, "train"), encode(texts(train, seed + 10)))
+    write_documents(os.path.join(out_dir, "pretrain"), encode(texts(pretrain, seed)))
     tmp = os.path.join(out_dir, f"test.jsonl.{os.getpid()}.tmp")   # see write_documents
     with open(tmp, "w") as f:
         for q in test:
             f.write(json.dumps({"question": q, "answer": str(solve(q)[1])}) + "\n")
     os.replace(tmp, os.path.join(out_dir, "test.jsonl"))
-    print(f"{out_dir}: {len(test)} test, {len(train)} train (answer only), {len(pretrain)} pretraining "
+    print(f"{out_dir}: {len(test)} test, {len(train)} train, {len(pretrain)} pretraining "
           f"problems; vocabulary of {tok.n_words} symbols")
 
 

@@ -13,6 +13,9 @@ For each problem "3+4*2-5=" the model reads BOS + question and predicts the answ
   with thinking     it thinks one thought after "=" (<start>, n_thought_tokens sampled
                     symbols, <end>) and predicts through the mixing head, exactly what
                     QuietStar.generate(think=True) does for the first new token.
+The answer is one digit, so every row predicts among the ten digits: a model that would
+rather write "|" (start written steps, as half its pretraining text does) is scored on its
+best digit, not marked wrong for the format.
 Exact accuracy = the greedy answer equals the gold digit; NLL = -log p(gold digit).
 Each problem's thought comes from its own seeded generator, so numbers do not depend on
 batching. A thought "carries a step" when the digits it wrote, read in order, start with
@@ -46,8 +49,8 @@ def load_test(path=TEST_FILE, limit=0):
 
 
 def training_examples(n=200):
-    """The first n training problems (answer-only text the run trains on), for the report
-    during training: the held-out problems stay unseen until the end."""
+    """The first n training problems (the questions of the text the run trains on, asked for
+    the answer), for the report during training: the held-out problems stay unseen until the end."""
     from data.arith.prepare import splits
     if len(_TRAINING) < n:
         _TRAINING[:] = [{"question": q, "answer": str(solve(q)[1])} for q in splits()[1][:n]]
@@ -117,7 +120,9 @@ def answer_predictions(qs, tok, examples, think, seed=0, batch_size=250, random_
                 logits = out.talk_logits[:, -1, 0].float()                   # (B, V)
                 out_thoughts.append(thoughts[:, 0, -1].cpu())                # (B, N)
                 out_w.append(out.mix_weight[:, -1, 0].float().cpu())         # (B,)
-            logits[:, [qs.start_id, qs.end_id]] = -torch.inf                  # never an answer
+            not_digit = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            not_digit[tok.encode("0123456789")] = False
+            logits[:, not_digit] = -torch.inf       # the answer is a digit: the prediction among the ten
             out_logp.append(logits.log_softmax(-1).cpu())
     finally:
         qs.config = saved
