@@ -11,12 +11,13 @@
 # - The delimiters start from the filler space, a symbol the text scatters after any symbol 1
 #   time in 10 and that means nothing: the toy's "---". Nothing in any text is in the slot's
 #   format <start> ... <end>. So an untrained thought is what the model would write next
-#   anyway: after "3+4*2-5=" the steps about half the time, a guess at the answer the other
-#   half. Control (a) scores that thinking before training: about 35%, against about 23%
-#   without thinking. The old run started the delimiters from '|', the bar that opens written
+#   anyway: after "3+4*2-5=" sometimes the steps (a third of untrained thoughts spell them
+#   all), else a guess at the answer. Control (a) scores that thinking before training:
+#   about 35%, against about 22% without thinking. The old run started the delimiters from '|', the bar that opens written
 #   steps, and its untrained slot scored 91%.
 # - A thought is 7 symbols: room for "|7,4,9|", the steps between their bars; the answer comes
-#   after the thought, from the mixing of the two predictions.
+#   after the thought, from the mixing of the two predictions. (With 8, room for the answer
+#   too, the mixing weight at '=' stayed at 0 in the runs tried.)
 # - Quiet-STaR trains on new problems of the pretraining kind, as the paper trains on
 #   OpenWebMath, worked and plain text. On answer-only text the thoughts, which continue the
 #   text, stopped writing steps: from 34% to 12% of them in the first 20 steps.

@@ -51,7 +51,7 @@ def test_space_separated_values_and_help(capsys):
         parse_config(["--help"])
     assert done.value.code == 0
     text = capsys.readouterr().out
-    assert "--n_thought_tokens=8" in text and "the paper: 9 thought tokens" in text
+    assert "--n_thought_tokens=7" in text and "the paper: 9 thought tokens" in text
     assert "--overwrite=False" in text and "a fresh run may replace a checkpoint" in text
 
 
