@@ -16,10 +16,10 @@ plainly. A continuation ends at EOS, at the first --stop string (kept), or after
 --max_new_tokens. The arithmetic model (a compact vocabulary) gets one new token by
 default: its answer is one symbol, and it never learned to write EOS after it (the data
 loader masks EOS as a target, as the official one does). Greedy, it writes its steps out
-first, as half its text does: --temperature 0 --max_new_tokens 8 gives "3+4*2-5=|7,4,9|9". The tokenizer is the
-checkpoint's own vocab.json (a compact vocabulary) or tokenizer.model, else the
-Mistral-7B-v0.1 one in assets/ (tokenizer.load_tokenizer). "\\n" in a prompt or a stop
-string is a newline.
+first, as half its text does: --temperature 0 --max_new_tokens 8 gives "3+4*2-5=|7,4,9|9".
+The tokenizer is the checkpoint's own vocab.json (a compact vocabulary) or
+tokenizer.model, else the Mistral-7B-v0.1 one in assets/ (tokenizer.load_tokenizer). "\\n"
+in a prompt or a stop string is a newline.
 """
 
 import argparse

@@ -13,8 +13,8 @@
 #   format <start> ... <end>. So an untrained thought is what the model would write next
 #   anyway: after "3+4*2-5=" sometimes the steps (a third of untrained thoughts spell them
 #   all), else a guess at the answer. Control (a) scores that thinking before training:
-#   about 35%, against about 22% without thinking. The old run started the delimiters from '|', the bar that opens written
-#   steps, and its untrained slot scored 91%.
+#   about 35%, against about 22% without thinking. The old run started the delimiters from
+#   '|', the bar that opens written steps, and its untrained slot scored 91%.
 # - A thought is 7 symbols: room for "|7,4,9|", the steps between their bars; the answer comes
 #   after the thought, from the mixing of the two predictions. (With 8, room for the answer
 #   too, the mixing weight at '=' stayed at 0 in the runs tried.)

@@ -12,7 +12,8 @@ Prints one block per seed (the rows of the default run's final report plus (b) a
 and a last block with the means over seeds of the issue's two targets: thinking minus the
 best of (a), the base model without thinking and the trained model without thinking; and
 thinking minus (b). The default run and (b) take about as long as `python train.py` each
-(230-280 s of CPU at one thread, AMD EPYC), (d) about 13 s; each run's output goes to out_root/seedS/NAME.log.
+(230-280 s of CPU at one thread, AMD EPYC), (d) about 13 s; each run's output goes to
+out_root/seedS/NAME.log.
 """
 
 import argparse

@@ -101,7 +101,8 @@ def prepare(out_dir=HERE, seed=SEED):
     tok = vocabulary()
     os.makedirs(out_dir, exist_ok=True)
     tok.save(out_dir)
-    encode = lambda texts: [tok.encode(t, eos=True) for t in texts]   # noqa: E731
+    encode = lambda strings: [tok.encode(t, eos=True) for t in strings]   # noqa: E731
+    # the training text draws its own steps-or-not and filler (seed + 10), not pretraining's
     write_documents(os.path.join(out_dir, "train"), encode(texts(train, seed + 10)))
     write_documents(os.path.join(out_dir, "pretrain"), encode(texts(pretrain, seed)))
     tmp = os.path.join(out_dir, f"test.jsonl.{os.getpid()}.tmp")   # see write_documents

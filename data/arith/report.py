@@ -94,6 +94,8 @@ def answer_predictions(qs, tok, examples, think, seed=0, batch_size=250, random_
     mixing weights (n,) at the answer or None).
     random_thoughts: replace every sampled thought by symbols drawn uniformly (control)."""
     device = qs.model.output.weight.device
+    not_digit = torch.ones(qs.model.output.weight.shape[0], dtype=torch.bool, device=device)   # (V,)
+    not_digit[tok.encode("0123456789")] = False     # the answer is a digit: predicted among the ten
     out_logp, out_thoughts, out_w = [], [], []
     saved = qs.config
     qs.config = replace(saved, n_thoughts=1, n_talk=1)    # one thought, one talk step: the answer
@@ -120,9 +122,7 @@ def answer_predictions(qs, tok, examples, think, seed=0, batch_size=250, random_
                 logits = out.talk_logits[:, -1, 0].float()                   # (B, V)
                 out_thoughts.append(thoughts[:, 0, -1].cpu())                # (B, N)
                 out_w.append(out.mix_weight[:, -1, 0].float().cpu())         # (B,)
-            not_digit = torch.ones(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            not_digit[tok.encode("0123456789")] = False
-            logits[:, not_digit] = -torch.inf       # the answer is a digit: the prediction among the ten
+            logits[:, not_digit] = -torch.inf
             out_logp.append(logits.log_softmax(-1).cpu())
     finally:
         qs.config = saved
